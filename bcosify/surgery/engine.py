@@ -1,0 +1,199 @@
+"""The surgery engine: trace the model once, then replace modules through the rule table."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import timm.layers
+import torch
+from torch import nn
+
+from ..config import BcosConfig
+from ..errors import ConversionError
+from .report import GATED, KEPT, LEFT, REFUSED, REPLACED, UNUSED, ConversionReport
+from .rules import DESCEND, GATE, KEEP, RULES, Context
+
+CLASSIFIER_TYPES = (nn.Linear, timm.layers.Linear)
+FIRST_LAYER_TYPES = (nn.Conv2d, timm.layers.Conv2dSame)
+TRACE_SIZES = (64, 224)
+
+
+@dataclass
+class Trace:
+    """What one forward pass on a dummy input revealed about a model."""
+
+    executed: set[int]
+    first_layer_path: str
+    in_chans: int
+    classifier_path: str | None
+    num_classes: int
+
+
+def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(p, m) for p, m in model.named_modules() if next(iter(m.children()), None) is None]
+
+
+def _first_conv_in_chans(model: nn.Module) -> int:
+    for _, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    raise ConversionError(f"{type(model).__name__} has no Conv2d layer: only image models can be converted")
+
+
+def trace(model: nn.Module) -> Trace:
+    """Run ``model`` once on a dummy image to find its executed modules, first layer and classifier."""
+    in_chans = _first_conv_in_chans(model)
+    param = next(iter(model.parameters()))
+    names = {id(m): p for p, m in model.named_modules()}
+    executed: list[nn.Module] = []
+    consumers: list[str] = []
+    dummy_holder: list[torch.Tensor] = []
+
+    def pre_hook(module, args):
+        executed.append(module)
+        if args and dummy_holder and args[0] is dummy_holder[0] and next(iter(module.children()), None) is None:
+            consumers.append(names[id(module)])
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()]
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        error = None
+        for size in TRACE_SIZES:
+            executed.clear(), consumers.clear(), dummy_holder.clear()
+            dummy = torch.rand(1, in_chans, size, size, dtype=param.dtype, device=param.device)
+            dummy_holder.append(dummy)
+            try:
+                with torch.no_grad():
+                    out = model(dummy)
+                error = None
+                break
+            except Exception as e:  # a size the model cannot take: try the next one
+                error = e
+        if error is not None:
+            raise ConversionError(f"cannot run {type(model).__name__} on a {in_chans}-channel image: {error}")
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in was_training.items():
+            m.train(flag)
+
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ConversionError(f"the model must return logits of shape (N, classes); got "
+                              f"{type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}")
+    unique = sorted(set(consumers))
+    if len(unique) != 1:
+        raise ConversionError(
+            "the input image must go straight into exactly one convolution (the layer the input "
+            f"normalisation is folded into); it went into {unique or 'no layer (the forward transforms it first)'}")
+    first_path = unique[0]
+    first = model.get_submodule(first_path)
+    if type(first) not in FIRST_LAYER_TYPES:
+        raise ConversionError(f"the first layer {first_path} is a {type(first).__name__}; only Conv2d can take the "
+                              "folded input normalisation")
+
+    classifier_path = None
+    for module in reversed(executed):
+        if type(module) in CLASSIFIER_TYPES:
+            classifier_path = names[id(module)]
+            break
+    return Trace({id(m) for m in executed}, first_path, in_chans, classifier_path, out.shape[1])
+
+
+def resolve_normalisation(model: nn.Module, config: BcosConfig, in_chans: int) -> tuple[tuple, tuple, str]:
+    """The input mean/std to fold: from the arguments, timm's ``pretrained_cfg``, or torchvision's default."""
+    if (config.mean is None) != (config.std is None):
+        raise ValueError("give both mean and std, or neither")
+    if config.mean is not None:
+        mean, std, source = config.mean, config.std, "arguments"
+    else:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        if cfg.get("mean") is not None and cfg.get("std") is not None:
+            mean, std, source = tuple(cfg["mean"]), tuple(cfg["std"]), "timm pretrained_cfg"
+        elif type(model).__module__.startswith("torchvision.models"):
+            mean, std, source = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "torchvision (ImageNet)"
+        else:
+            raise ConversionError(
+                f"the input normalisation of {type(model).__name__} is unknown: pass mean=... and std=... "
+                "(mean=0, std=1 for a model that takes images in [0, 1] as they are)")
+    if len(mean) == 1 and in_chans > 1:
+        mean, std = mean * in_chans, std * in_chans
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise ConversionError(f"mean/std have {len(mean)}/{len(std)} values but the model takes {in_chans} channels")
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std), source
+
+
+def replace_classifier(model: nn.Module, path: str, num_classes: int) -> None:
+    """Swap the classifier at ``path`` for a freshly initialised one with ``num_classes`` outputs."""
+    old = model.get_submodule(path)
+    new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=old.weight.device,
+                    dtype=old.weight.dtype)
+    model.set_submodule(path, new)
+
+
+def default_logit_bias(config: BcosConfig, num_classes: int) -> float:
+    if config.logit_bias is not None:
+        return float(config.logit_bias)
+    if config.keep_bias or num_classes < 2:
+        return 0.0
+    return -math.log(num_classes - 1)
+
+
+def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace) -> ConversionReport:
+    """Replace, in place, every module of ``model`` through the rule table; return the report.
+
+    Raises ``ConversionError`` naming every refused module when ``config.strict``.
+    """
+    report = ConversionReport()
+    ctx = Context(config=config, report=report, first_layer=model.get_submodule(trace_info.first_layer_path))
+    done: dict[int, nn.Module] = {}
+
+    def used(module: nn.Module) -> bool:
+        return any(id(m) in trace_info.executed for m in module.modules())
+
+    def convert(module: nn.Module, path: str) -> nn.Module:
+        if id(module) in done:
+            return done[id(module)]
+        rule = RULES.get(type(module))
+        if not used(module):
+            report.add(path, module, UNUSED, note="not called in forward; left as is")
+            new = module
+        elif rule is None:
+            if config.strict:
+                report.add(path, module, REFUSED, note="unknown type on the value path")
+            else:
+                report.add(path, module, LEFT, note="unknown type left as is")
+            new = module
+        elif rule.action == DESCEND:
+            for name, child in list(module.named_children()):
+                new_child = convert(child, f"{path}.{name}" if path else name)
+                if new_child is not child:
+                    setattr(module, name, new_child)
+            new = module
+        elif rule.action == KEEP:
+            report.add(path, module, KEPT, note=rule.note)
+            new = module
+        else:
+            ctx.path = path
+            ctx.convert_child = lambda child, name, _path=path: convert(child, f"{_path}.{name}")
+            new = rule.build(module, ctx)
+            action = GATED if rule.action == GATE else (REPLACED if new is not module else KEPT)
+            note = rule.note
+            if module is ctx.first_layer:
+                note = "first layer: [x, 1-x] input with the normalisation folded in"
+            report.add(path, module, action, new if new is not module else None, note)
+        done[id(module)] = new
+        return new
+
+    top = convert(model, "")
+    if top is not model:
+        raise ConversionError(f"the top-level model type {type(model).__name__} must be a container rule")
+    refused = report.refused
+    if refused:
+        lines = "\n".join(f"  {e.path}: {e.old_type}" for e in refused)
+        raise ConversionError(
+            f"{len(refused)} module(s) on the value path have no exact conversion:\n{lines}\n"
+            "Pass strict=False to leave them as they are (the model is then not guaranteed to be dynamic "
+            "linear), or teach bcosify their type with bcosify.surgery.register_rule.")
+    return report

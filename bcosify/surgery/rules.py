@@ -1,0 +1,263 @@
+"""The replacement table: exact module type -> what conversion does with it.
+
+Keys are exact types, never ``isinstance``: timm subclasses ``nn.Conv2d``, ``nn.BatchNorm2d`` and
+``nn.LayerNorm`` with different forwards, and a subclass we have not read must be refused, not
+converted as if it were its parent. Architecture quirks live in the small named builders below.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import timm.layers
+import timm.layers.activations as timm_act
+import timm.models
+import timm.models._efficientnet_blocks as timm_eff_blocks
+import torch
+import torchvision.models as tvm
+import torchvision.models.convnext as tv_convnext
+import torchvision.models.densenet as tv_densenet
+import torchvision.models.efficientnet as tv_efficientnet
+import torchvision.models.mobilenetv2 as tv_mobilenetv2
+import torchvision.models.mobilenetv3 as tv_mobilenetv3
+import torchvision.models.regnet as tv_regnet
+import torchvision.models.resnet as tv_resnet
+import torchvision.ops
+import torchvision.ops.misc as tv_misc
+from torch import nn
+
+from ..config import BcosConfig
+from ..errors import ConversionError
+from ..nn import (BcosConv2d, BcosLinear, DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d,
+                  DetachedGate, UncenteredBatchNorm2d, gated, gelu_gate, gelu_tanh_gate, hardswish_gate, relu6_gate)
+from ..nn.act import quick_gelu_gate
+from .report import ConversionReport
+
+DESCEND = "descend"
+KEEP = "keep"
+REPLACE = "replace"
+GATE = "gate"
+
+
+@dataclass
+class Context:
+    """What a builder may read while converting one model."""
+
+    config: BcosConfig
+    report: ConversionReport
+    first_layer: nn.Module | None = None
+    convert_child: Callable[[nn.Module, str], nn.Module] | None = None
+    path: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+Builder = Callable[[nn.Module, Context], nn.Module]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What happens to modules of one exact type.
+
+    ``descend``: a container whose own forward only composes its children with linear operations
+    (sums, concatenation, constant scales, reshapes); its children are converted one by one.
+    ``keep``: left as is (linear or dynamic linear: ReLU, pooling, dropout, reshapes).
+    ``replace``/``gate``: ``build(module, context)`` returns the replacement.
+    """
+
+    action: str
+    build: Builder | None = None
+    note: str = ""
+
+
+# --- builders ---------------------------------------------------------------------------------------
+
+def fold_input_normalisation(conv: nn.Conv2d, mean: torch.Tensor, std: torch.Tensor) -> nn.Conv2d:
+    """A conv over ``[x, 1 - x]`` that computes ``conv((x - mean) / std)`` exactly, zero borders included.
+
+    Weights ``A_c = W_c (1 - mean_c) / std_c`` act on ``x_c`` and ``B_c = -W_c mean_c / std_c`` on
+    ``1 - x_c``; a zero-padded tap gives 0 in both models.
+    """
+    if conv.groups != 1:
+        raise ConversionError(f"the first layer must have groups=1 to fold the input normalisation, got {conv.groups}")
+    c = conv.in_channels
+    if mean.numel() != c or std.numel() != c:
+        raise ConversionError(f"mean/std have {mean.numel()}/{std.numel()} values but the first layer takes {c} channels")
+    w = conv.weight.detach()
+    mean = mean.to(w).view(1, c, 1, 1)
+    std = std.to(w).view(1, c, 1, 1)
+    new = nn.Conv2d(2 * c, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(torch.cat([w * (1 - mean) / std, -w * mean / std], dim=1))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+def _bcos_conv(conv: nn.Conv2d, ctx: Context, same_padding: bool = False) -> BcosConv2d:
+    if conv is ctx.first_layer:
+        conv = fold_input_normalisation(conv, torch.tensor(ctx.config.mean), torch.tensor(ctx.config.std))
+    try:
+        return BcosConv2d.from_module(conv, ctx.config.b, ctx.config.normalize_weights,
+                                      keep_bias=ctx.config.keep_bias, same_padding=same_padding)
+    except ValueError as e:
+        raise ConversionError(f"{ctx.path} ({type(conv).__name__}): {e}") from None
+
+
+def _bcos_conv_same(conv: nn.Conv2d, ctx: Context) -> BcosConv2d:
+    return _bcos_conv(conv, ctx, same_padding=True)
+
+
+def _bcos_linear(linear: nn.Linear, ctx: Context) -> BcosLinear:
+    return BcosLinear.from_module(linear, ctx.config.b, ctx.config.normalize_weights, keep_bias=ctx.config.keep_bias)
+
+
+def _batchnorm(bn: nn.BatchNorm2d, ctx: Context) -> UncenteredBatchNorm2d:
+    return UncenteredBatchNorm2d.from_module(bn, keep_bias=ctx.config.keep_bias)
+
+
+def _batchnorm_act(bn: nn.Module, ctx: Context) -> nn.Sequential:
+    """timm ``BatchNormAct2d``: uncentred BatchNorm, then its own dropout and activation, converted."""
+    parts = OrderedDict(bn=UncenteredBatchNorm2d.from_module(bn, keep_bias=ctx.config.keep_bias))
+    for name in ("drop", "act"):
+        if hasattr(bn, name):
+            parts[name] = ctx.convert_child(getattr(bn, name), name)
+    return nn.Sequential(parts)
+
+
+def _layernorm(ln: nn.LayerNorm, ctx: Context) -> DetachableLayerNorm:
+    return DetachableLayerNorm.from_module(ln, keep_bias=ctx.config.keep_bias)
+
+
+def _layernorm2d(ln: nn.LayerNorm, ctx: Context) -> DetachableLayerNorm2d:
+    return DetachableLayerNorm2d.from_module(ln, keep_bias=ctx.config.keep_bias)
+
+
+def _groupnorm(gn: nn.GroupNorm, ctx: Context) -> DetachableGroupNorm:
+    return DetachableGroupNorm.from_module(gn, keep_bias=ctx.config.keep_bias)
+
+
+def _maxpool(pool: nn.MaxPool2d, ctx: Context) -> nn.Module:
+    if not ctx.config.maxpool_to_avgpool:
+        return pool
+    if pool.dilation not in (1, (1, 1)) or pool.return_indices:
+        raise ConversionError(f"{ctx.path}: a dilated or index-returning MaxPool2d cannot become AvgPool2d")
+    return nn.AvgPool2d(pool.kernel_size, pool.stride, pool.padding, ceil_mode=pool.ceil_mode)
+
+
+def _gate(gate, name: str) -> Builder:
+    return lambda act, ctx: gated(act, gate, name)
+
+
+def _ratio_gate(act: nn.Module, ctx: Context) -> nn.Module:
+    return gated(act)
+
+
+def _gelu(act: nn.GELU, ctx: Context) -> nn.Module:
+    if act.approximate == "tanh":
+        return gated(act, gelu_tanh_gate, "gelu_tanh")
+    return gated(act, gelu_gate, "gelu")
+
+
+def _se_gate(gate_fn) -> Builder:
+    return lambda module, ctx: DetachedGate(module, gate_fn)
+
+
+def _timm_efficientnet_se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x_se = se.conv_expand(se.act1(se.conv_reduce(x.mean((2, 3), keepdim=True))))
+    return se.gate(x_se)
+
+
+def _timm_se_module_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x_se = x.mean((2, 3), keepdim=True)
+    if se.add_maxpool:
+        x_se = 0.5 * x_se + 0.5 * x.amax((2, 3), keepdim=True)
+    return se.gate(se.fc2(se.act(se.bn(se.fc1(x_se)))))
+
+
+def _torchvision_se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return se._scale(x)
+
+
+# --- the table --------------------------------------------------------------------------------------
+
+_CONTAINERS = [
+    nn.Sequential, nn.ModuleList, nn.ModuleDict,
+    # timm
+    timm.models.resnet.ResNet, timm.models.resnet.BasicBlock, timm.models.resnet.Bottleneck,
+    timm.models.vgg.VGG, timm.models.vgg.ConvMlp,
+    timm.models.densenet.DenseNet, timm.models.densenet.DenseBlock, timm.models.densenet.DenseLayer,
+    timm.models.densenet.DenseTransition,
+    timm.models.regnet.RegNet, timm.models.regnet.RegStage, timm.models.regnet.Bottleneck,
+    timm.models.efficientnet.EfficientNet, timm.models.mobilenetv3.MobileNetV3,
+    timm_eff_blocks.DepthwiseSeparableConv, timm_eff_blocks.InvertedResidual, timm_eff_blocks.ConvBnAct,
+    timm_eff_blocks.EdgeResidual,
+    timm.models.convnext.ConvNeXt, timm.models.convnext.ConvNeXtStage, timm.models.convnext.ConvNeXtBlock,
+    timm.layers.ClassifierHead, timm.layers.NormMlpClassifierHead, timm.layers.Mlp, timm.layers.ConvNormAct,
+    # torchvision
+    tv_resnet.ResNet, tv_resnet.BasicBlock, tv_resnet.Bottleneck, tvm.VGG,
+    tv_densenet.DenseNet, tv_densenet._DenseBlock, tv_densenet._DenseLayer, tv_densenet._Transition,
+    tv_regnet.RegNet, tv_regnet.AnyStage, tv_regnet.BottleneckTransform, tv_regnet.ResBottleneckBlock,
+    tv_regnet.SimpleStemIN,
+    tv_efficientnet.EfficientNet, tv_efficientnet.MBConv, tv_efficientnet.FusedMBConv,
+    tv_mobilenetv2.MobileNetV2, tv_mobilenetv2.InvertedResidual,
+    tv_mobilenetv3.MobileNetV3, tv_mobilenetv3.InvertedResidual,
+    tv_convnext.ConvNeXt, tv_convnext.CNBlock, tv_misc.Conv2dNormActivation,
+]
+
+_KEPT = [
+    nn.Identity, nn.ReLU, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.AdaptiveAvgPool2d, nn.AvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    timm.layers.SelectAdaptivePool2d, timm.layers.DropPath,
+    torchvision.ops.StochasticDepth, tv_misc.Permute,
+]
+
+RULES: dict[type, Rule] = {
+    **{t: Rule(DESCEND) for t in _CONTAINERS},
+    **{t: Rule(KEEP) for t in _KEPT},
+    nn.MaxPool2d: Rule(REPLACE, _maxpool, "dynamic linear (selects an input)"),
+    # convolutions and linear layers on the value path
+    nn.Conv2d: Rule(REPLACE, _bcos_conv),
+    timm.layers.Conv2dSame: Rule(REPLACE, _bcos_conv_same, "TF 'SAME' padding kept"),
+    nn.Linear: Rule(REPLACE, _bcos_linear),
+    timm.layers.Linear: Rule(REPLACE, _bcos_linear),
+    # normalisation
+    nn.BatchNorm2d: Rule(REPLACE, _batchnorm, "uncentred, bias-free"),
+    timm.layers.BatchNormAct2d: Rule(REPLACE, _batchnorm_act, "uncentred, bias-free; activation kept"),
+    nn.LayerNorm: Rule(REPLACE, _layernorm, "std detached in explanation mode"),
+    timm.layers.LayerNorm: Rule(REPLACE, _layernorm, "std detached in explanation mode"),
+    timm.layers.LayerNorm2d: Rule(REPLACE, _layernorm2d, "std detached in explanation mode"),
+    tv_convnext.LayerNorm2d: Rule(REPLACE, _layernorm2d, "std detached in explanation mode"),
+    nn.GroupNorm: Rule(REPLACE, _groupnorm, "std detached in explanation mode"),
+    # activations as gates
+    nn.ReLU6: Rule(REPLACE, _gate(relu6_gate, "relu6")),
+    nn.GELU: Rule(REPLACE, _gelu),
+    timm_act.GELU: Rule(REPLACE, _gate(gelu_gate, "gelu")),
+    timm_act.GELUTanh: Rule(REPLACE, _gate(gelu_tanh_gate, "gelu_tanh")),
+    timm_act.QuickGELU: Rule(REPLACE, _gate(quick_gelu_gate, "quick_gelu")),
+    nn.SiLU: Rule(REPLACE, _gate(torch.sigmoid, "silu")),
+    timm_act.Swish: Rule(REPLACE, _gate(torch.sigmoid, "silu")),
+    nn.Hardswish: Rule(REPLACE, _gate(hardswish_gate, "hardswish")),
+    timm_act.HardSwish: Rule(REPLACE, _gate(hardswish_gate, "hardswish")),
+    nn.Tanh: Rule(REPLACE, _ratio_gate),
+    timm_act.Tanh: Rule(REPLACE, _ratio_gate),
+    nn.LeakyReLU: Rule(REPLACE, _ratio_gate),
+    nn.Mish: Rule(REPLACE, _ratio_gate),
+    timm_act.Mish: Rule(REPLACE, _ratio_gate),
+    # squeeze-excite: the gate branch stays as it is and is detached in explanation mode
+    timm_eff_blocks.SqueezeExcite: Rule(GATE, _se_gate(_timm_efficientnet_se_gate)),
+    timm.layers.SEModule: Rule(GATE, _se_gate(_timm_se_module_gate)),
+    tv_misc.SqueezeExcitation: Rule(GATE, _se_gate(_torchvision_se_gate)),
+}
+
+
+def register_rule(module_type: type, rule: Rule) -> None:
+    """Teach the engine a module type of your own (exact type), e.g. ``Rule("descend")`` for a block
+    whose forward only composes its children linearly."""
+    if rule.action not in (DESCEND, KEEP, REPLACE, GATE):
+        raise ValueError(f"unknown rule action {rule.action!r}")
+    if rule.action in (REPLACE, GATE) and rule.build is None:
+        raise ValueError(f"a {rule.action!r} rule needs a build function")
+    RULES[module_type] = rule

@@ -1,0 +1,45 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bcosify.nn import BcosConv2d, BcosLinear, DetachedGate
+
+
+@torch.no_grad()
+def rescale_bcos_layers(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Rescale every B-cos layer's weight (in one forward pass on ``x``) so that its output has unit RMS.
+
+    Random-init weights shrink B-cos activations layer after layer (to exact zeros in deep nets); rescaled,
+    completeness is tested on real numbers. Any weights must give completeness, so this loses nothing.
+    A B-cos layer without bias is homogeneous: ``out(c w) = c^b out(w)``.
+    """
+
+    def hook(layer, inputs, out):
+        gain = out.pow(2).mean().sqrt()
+        if gain == 0:
+            return out
+        c = gain.pow(-1 / layer.b)
+        layer.weight.mul_(c)
+        return out * c.pow(layer.b)
+
+    was_training = model.training
+    model.eval()
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (BcosConv2d, BcosLinear))]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return model.train(was_training)
+
+
+def value_path_modules(module: nn.Module, prefix: str = ""):
+    """``(path, module)`` for every module outside the gate branches of squeeze-excite gates."""
+    yield prefix, module
+    if isinstance(module, DetachedGate):
+        return
+    for name, child in module.named_children():
+        yield from value_path_modules(child, f"{prefix}.{name}" if prefix else name)
