@@ -29,7 +29,7 @@ def _images(family: Family, n: int = 2) -> torch.Tensor:
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.id)
 def test_equivalence_at_b1_with_biases(family: Family):
     error = equivalence_error(_original(family), _images(family))
-    assert error < 1e-5
+    assert error < 1e-10  # DESIGN.md asks < 1e-5; float64 surgery is exact to rounding
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.id)

@@ -24,6 +24,7 @@ class Trace:
     """What one forward pass on a dummy input revealed about a model."""
 
     executed: set[int]
+    order: list[str]  # paths of the executed modules, in call order
     first_layer_path: str
     in_chans: int
     classifier_path: str | None
@@ -98,7 +99,7 @@ def trace(model: nn.Module) -> Trace:
         if type(module) in CLASSIFIER_TYPES:
             classifier_path = names[id(module)]
             break
-    return Trace({id(m) for m in executed}, first_path, in_chans, classifier_path, out.shape[1])
+    return Trace({id(m) for m in executed}, [names[id(m)] for m in executed], first_path, in_chans, classifier_path, out.shape[1])
 
 
 def resolve_normalisation(model: nn.Module, config: BcosConfig, in_chans: int) -> tuple[tuple, tuple, str]:

@@ -98,7 +98,8 @@ def fold_input_normalisation(conv: nn.Conv2d, mean: torch.Tensor, std: torch.Ten
 
 def _bcos_conv(conv: nn.Conv2d, ctx: Context, same_padding: bool = False) -> BcosConv2d:
     if conv is ctx.first_layer:
-        conv = fold_input_normalisation(conv, torch.tensor(ctx.config.mean), torch.tensor(ctx.config.std))
+        conv = fold_input_normalisation(conv, torch.tensor(ctx.config.mean, dtype=torch.float64),
+                                        torch.tensor(ctx.config.std, dtype=torch.float64))
     try:
         return BcosConv2d.from_module(conv, ctx.config.b, ctx.config.normalize_weights,
                                       keep_bias=ctx.config.keep_bias, same_padding=same_padding)

@@ -1,0 +1,88 @@
+"""Architecture-level rewrites that the per-module table cannot express."""
+
+from __future__ import annotations
+
+import timm.layers
+import torch
+from torch import nn
+
+from ..errors import ConversionError
+from .engine import Trace
+from .rules import DESCEND, RULES, Rule
+
+_BETWEEN_POOL_AND_CLASSIFIER = (nn.Flatten, nn.Identity, nn.Dropout)
+
+
+class ClassifierBeforePooling(nn.Module):
+    """Apply the classifier as a 1x1 convolution at every location, then pool the per-location logits.
+
+    With average pooling this is the same function as pooling first; it also yields logit maps.
+    """
+
+    def __init__(self, dropout: nn.Module, classifier: nn.Conv2d, pool: nn.Module) -> None:
+        super().__init__()
+        self.dropout = dropout
+        self.classifier = classifier
+        self.pool = pool
+
+    def logit_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-location logits ``(N, classes, H, W)``."""
+        return self.classifier(self.dropout(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.logit_maps(x))
+
+
+RULES[ClassifierBeforePooling] = Rule(DESCEND)
+
+
+def _is_global_average_pool(module: nn.Module) -> bool:
+    if type(module) is nn.AdaptiveAvgPool2d:
+        return module.output_size in (1, (1, 1))
+    if type(module) is timm.layers.SelectAdaptivePool2d:
+        return module.pool_type in ("avg", "fast", "fastavg")
+    return False
+
+
+def reorder_classifier_before_pooling(model: nn.Module, info: Trace) -> None:
+    """Move the classifier in front of the global average pooling ("GAP reorder"), in place.
+
+    Needs the pattern ``global average pool -> [flatten / dropout] -> Linear classifier``.
+    """
+    if info.classifier_path is None:
+        raise ConversionError("gap_reorder: the model has no Linear classifier")
+    order = info.order
+    k = len(order) - 1 - order[::-1].index(info.classifier_path)
+    dropouts: list[str] = []
+    pool_path = None
+    for path in reversed(order[:k]):
+        module = model.get_submodule(path)
+        if _is_global_average_pool(module):
+            pool_path = path
+            break
+        parent = path.rpartition(".")[0]
+        if parent and _is_global_average_pool(model.get_submodule(parent)):
+            pool_path = parent
+            break
+        if next(iter(module.children()), None) is not None:  # a container: look at its leaves
+            continue
+        if type(module) not in _BETWEEN_POOL_AND_CLASSIFIER:
+            raise ConversionError(
+                f"gap_reorder needs global average pooling right before the classifier {info.classifier_path}; "
+                f"found {path} ({type(module).__name__}) in between")
+        if type(module) is nn.Dropout:
+            dropouts.append(path)
+    if pool_path is None:
+        raise ConversionError("gap_reorder: no global average pooling found before the classifier")
+    linear = model.get_submodule(info.classifier_path)
+    conv = nn.Conv2d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None,
+                     device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight[:, :, None, None])
+        if linear.bias is not None:
+            conv.bias.copy_(linear.bias)
+    dropout = model.get_submodule(dropouts[0]) if dropouts else nn.Identity()
+    for path in dropouts:
+        model.set_submodule(path, nn.Identity())
+    model.set_submodule(info.classifier_path, nn.Identity())
+    model.set_submodule(pool_path, ClassifierBeforePooling(dropout, conv, model.get_submodule(pool_path)))
