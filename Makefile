@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/bcosify demo
 
 table: $(STAMP)
-	$(BIN)/python -m bcosify.support_table --write README.md
+	$(BIN)/python scripts/support_table.py --write README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -307,3 +307,20 @@ def test_model_returning_non_logits_is_refused():
     register_rule(Features, Rule("descend"))
     with pytest.raises(ConversionError, match=r"logits of shape \(N, classes\)"):
         bcosify.convert(Features(), mean=0.5, std=0.5)
+
+
+def test_unknown_but_unused_module_is_reported_not_refused():
+    model = _Custom(nn.Identity())
+    model.spare = _Scale()  # registered but never called
+    register_rule(_Custom, Rule("descend"))
+    bmodel = bcosify.convert(model, mean=0.5, std=0.5)
+    assert [e.path for e in bmodel.report.by_action("unused")] == ["spare"]
+
+
+def test_weight_standardised_convs_are_refused_by_path_and_type():
+    model = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=3)
+    with pytest.raises(ConversionError) as info:
+        bcosify.convert(model)
+    message = str(info.value)
+    assert "stem.conv: timm.layers.std_conv.StdConv2d" in message
+    assert "GroupNormAct" in message

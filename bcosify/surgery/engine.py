@@ -25,7 +25,7 @@ class Trace:
 
     executed: set[int]
     order: list[str]  # paths of the executed modules, in call order
-    first_layer_path: str
+    first_layer_path: str  # the leaf module that receives the input image
     in_chans: int
     classifier_path: str | None
     num_classes: int
@@ -89,10 +89,6 @@ def trace(model: nn.Module) -> Trace:
             "the input image must go straight into exactly one convolution (the layer the input "
             f"normalisation is folded into); it went into {unique or 'no layer (the forward transforms it first)'}")
     first_path = unique[0]
-    first = model.get_submodule(first_path)
-    if type(first) not in FIRST_LAYER_TYPES:
-        raise ConversionError(f"the first layer {first_path} is a {type(first).__name__}; only Conv2d can take the "
-                              "folded input normalisation")
 
     classifier_path = None
     for module in reversed(executed):
@@ -147,7 +143,11 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace) -> 
     Raises ``ConversionError`` naming every refused module when ``config.strict``.
     """
     report = ConversionReport()
-    ctx = Context(config=config, report=report, first_layer=model.get_submodule(trace_info.first_layer_path))
+    first = model.get_submodule(trace_info.first_layer_path)
+    if type(first) in RULES and type(first) not in FIRST_LAYER_TYPES:
+        raise ConversionError(f"the first layer {trace_info.first_layer_path} is a {type(first).__name__}; only "
+                              "Conv2d can take the folded input normalisation")
+    ctx = Context(config=config, report=report, first_layer=first)
     done: dict[int, nn.Module] = {}
 
     def used(module: nn.Module) -> bool:
@@ -157,16 +157,13 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace) -> 
         if id(module) in done:
             return done[id(module)]
         rule = RULES.get(type(module))
-        if not used(module):
-            report.add(path, module, UNUSED, note="not called in forward; left as is")
+        if rule is None and not used(module):
+            report.add(path, module, UNUSED, note="unknown type, not called in forward; left as is")
             new = module
-        elif rule is None:
-            if config.strict:
-                report.add(path, module, REFUSED, note="unknown type on the value path")
-            else:
-                report.add(path, module, LEFT, note="unknown type left as is")
-            new = module
-        elif rule.action == DESCEND:
+        elif rule is None or rule.action == DESCEND:
+            if rule is None:  # its own forward is unknown; its children are still converted (and listed)
+                report.add(path, module, REFUSED if config.strict else LEFT,
+                           note="unknown type on the value path" + ("" if config.strict else "; left as is"))
             for name, child in list(module.named_children()):
                 new_child = convert(child, f"{path}.{name}" if path else name)
                 if new_child is not child:

@@ -1,0 +1,107 @@
+"""The ``bcosify`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable, Sequence
+
+from .errors import BcosifyError
+
+
+def _photos(size: int = 224):
+    """scikit-image's sample photos as a ``[0, 1]`` batch (short side resized, centre-cropped)."""
+    try:
+        from skimage import data
+    except ImportError:
+        raise BcosifyError("the demo needs scikit-image: pip install scikit-image") from None
+    import torch
+    import torch.nn.functional as F
+
+    names = ["chelsea", "coffee", "astronaut", "rocket"]
+    batch = []
+    for name in names:
+        image = torch.from_numpy(getattr(data, name)()[..., :3].copy()).permute(2, 0, 1).float() / 255
+        h, w = image.shape[1:]
+        scale = round(size / 0.875) / min(h, w)
+        image = F.interpolate(image[None], size=(round(h * scale), round(w * scale)), mode="bilinear",
+                              antialias=True, align_corners=False)[0]
+        top, left = (image.shape[1] - size) // 2, (image.shape[2] - size) // 2
+        batch.append(image[:, top:top + size, left:left + size].clamp(0, 1))
+    return names, torch.stack(batch)
+
+
+def _imagenet_categories() -> list[str]:
+    from torchvision.models import ResNet50_Weights
+
+    return ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Convert the real ImageNet EfficientNet-Lite0 in one call and show that the conversion is exact."""
+    import torch
+
+    import bcosify
+    from bcosify.checkpoints import efficientnet_lite0_checkpoint_path
+    from bcosify.convert import build_model
+
+    path = efficientnet_lite0_checkpoint_path()
+    names, x = _photos()
+    categories = _imagenet_categories()
+    original = build_model("timm:efficientnet_lite0", weights=path, key_map="positional").eval()
+    start = time.perf_counter()
+    exact = bcosify.convert(original, b=1, keep_bias=True)
+    seconds = time.perf_counter() - start
+    bmodel = bcosify.convert(original)  # b=2, biases removed: the model you would fine-tune
+    print(f"Converted timm efficientnet_lite0 (real ImageNet weights) in {seconds:.2f} s")
+    print(f"  {exact.report.counts()}")
+    mean = torch.tensor(exact.options.mean).view(1, -1, 1, 1)
+    std = torch.tensor(exact.options.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        reference = original((x - mean) / std).softmax(1)
+        converted = exact(x).softmax(1)
+    print("\nTop-1 of the original vs the converted model (b=1, biases kept):")
+    for i, name in enumerate(names):
+        p, k = reference[i].max(0)
+        q, j = converted[i].max(0)
+        same = "same top-5" if torch.equal(reference[i].topk(5).indices, converted[i].topk(5).indices) else "DIFFERENT"
+        print(f"  {name:10s} {categories[k]:>22s} {p:.3f} | {categories[j]:>22s} {q:.3f}  ({same})")
+    e = bcosify.explain(bmodel.double(), x.double())
+    print("\nCompleteness of the b=2 model without biases (float64): sum of pixel contributions vs logit")
+    for i, name in enumerate(names):
+        print(f"  {name:10s} logit {e.explained_logit[i].item():+.6e}  sum {e.contributions[i].sum().item():+.6e}"
+              f"  relative error {e.completeness_error[i].item():.1e}")
+    print("\nNext: fine-tune with bcosify.finetune to recover accuracy at b=2.")
+    return 0
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {
+    "demo": (cmd_demo, lambda p: None),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bcosify", description="Turn pretrained image classifiers into B-cos networks.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (func, configure) in COMMANDS.items():
+        p = sub.add_parser(name, help=(func.__doc__ or "").strip().splitlines()[0])
+        configure(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (BcosifyError, ValueError, TypeError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"bcosify {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Generate the README's supported-architecture table from the tests' family list.
+
+Runs, for every family in tests/families.py, the same float64 checks as tests/test_families.py and writes the
+measured errors between the README's support-table markers.
+
+    python scripts/support_table.py --write README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import sys
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import bcosify  # noqa: E402
+from bcosify.checks import equivalence_error  # noqa: E402
+from bcosify.convert import build_model  # noqa: E402
+from families import FAMILIES  # noqa: E402
+from helpers import rescale_bcos_layers  # noqa: E402
+
+START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
+EQUIVALENCE_BOUND, COMPLETENESS_BOUND = 1e-5, 1e-6
+
+
+def measure(family) -> tuple[float, float]:
+    torch.manual_seed(0)
+    model = build_model(family.spec, weights=None, model_kwargs={"num_classes": 10, **family.kwargs}).double().eval()
+    x = torch.rand(3, 3, family.size, family.size, dtype=torch.float64)
+    equivalence = equivalence_error(model, x)
+    bmodel = rescale_bcos_layers(bcosify.convert(model), torch.rand(4, 3, family.size, family.size,
+                                                                     dtype=torch.float64))
+    completeness = bcosify.explain(bmodel, x).completeness_error.max().item()
+    return equivalence, completeness
+
+
+def table() -> str:
+    rows = ["| Family | Library | Model | Equivalence error (b=1, biases kept) | Completeness error (b=2) | Status |",
+            "|---|---|---|---|---|---|"]
+    for family in FAMILIES:
+        eq, comp = measure(family)
+        ok = eq < EQUIVALENCE_BOUND and comp < COMPLETENESS_BOUND
+        rows.append(f"| {family.family} | {family.source} | `{family.name}` | {eq:.1e} | {comp:.1e} | "
+                    f"{'exact' if ok else 'FAILS'} |")
+        print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", type=pathlib.Path, help="README to update in place")
+    args = parser.parse_args()
+    text = table()
+    if args.write:
+        readme = args.write.read_text()
+        pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+        if not pattern.search(readme):
+            raise SystemExit(f"{args.write} has no {START} ... {END} markers")
+        args.write.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", readme))
+
+
+if __name__ == "__main__":
+    main()
