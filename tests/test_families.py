@@ -40,6 +40,8 @@ def test_completeness_after_conversion(family: Family):
     x = _images(family, n=3)
     rescale_bcos_layers(bmodel, torch.rand(4, 3, family.size, family.size, dtype=torch.float64))
     e = bcosify.explain(bmodel, x)
+    with torch.no_grad():  # explanation mode changes gradients only, never the forward value
+        torch.testing.assert_close(e.logits, bmodel(x), rtol=1e-10, atol=0)
     explained = e.explained_logit
     assert bool((explained.abs() > 0).all()), "degenerate logits: completeness would be vacuous"
     assert e.completeness_error.max().item() < 1e-6

@@ -19,7 +19,7 @@ Gate = Callable[[torch.Tensor], torch.Tensor]
 
 
 def relu6_gate(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(0, 6) / torch.where(x > 6, x, torch.ones_like(x)) * (x > 0)
+    return torch.where(x > 6, 6 / x.clamp_min(6), (x > 0).to(x.dtype))
 
 
 def gelu_gate(x: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,7 @@ def conv_patch_sq_norms(
         sq = sq.view(n, groups, c // groups, h, w).sum(2)
     if kernel_size == (1, 1) and padding == (0, 0):
         return sq[:, :, :: stride[0], :: stride[1]]
-    if dilation == (1, 1):
+    if dilation == (1, 1) and all(p <= k // 2 for p, k in zip(padding, kernel_size)):
         return F.avg_pool2d(sq, kernel_size, stride, padding, ceil_mode=False, count_include_pad=True,
                             divisor_override=1)
     ones = sq.new_ones(sq.shape[1], 1, *kernel_size)

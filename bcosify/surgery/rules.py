@@ -119,13 +119,17 @@ def _batchnorm(bn: nn.BatchNorm2d, ctx: Context) -> UncenteredBatchNorm2d:
     return UncenteredBatchNorm2d.from_module(bn, keep_bias=ctx.config.keep_bias)
 
 
-def _batchnorm_act(bn: nn.Module, ctx: Context) -> nn.Sequential:
-    """timm ``BatchNormAct2d``: uncentred BatchNorm, then its own dropout and activation, converted."""
-    parts = OrderedDict(bn=UncenteredBatchNorm2d.from_module(bn, keep_bias=ctx.config.keep_bias))
-    for name in ("drop", "act"):
-        if hasattr(bn, name):
-            parts[name] = ctx.convert_child(getattr(bn, name), name)
-    return nn.Sequential(parts)
+def _norm_act(norm_type: type) -> Builder:
+    """timm's ``*NormAct`` layers: the converted norm, then the layer's own dropout and activation, converted."""
+
+    def build(norm: nn.Module, ctx: Context) -> nn.Sequential:
+        parts = OrderedDict(norm=norm_type.from_module(norm, keep_bias=ctx.config.keep_bias))
+        for name in ("drop", "act"):
+            if hasattr(norm, name):
+                parts[name] = ctx.convert_child(getattr(norm, name), name)
+        return nn.Sequential(parts)
+
+    return build
 
 
 def _layernorm(ln: nn.LayerNorm, ctx: Context) -> DetachableLayerNorm:
@@ -226,12 +230,18 @@ RULES: dict[type, Rule] = {
     timm.layers.Linear: Rule(REPLACE, _bcos_linear),
     # normalisation
     nn.BatchNorm2d: Rule(REPLACE, _batchnorm, "uncentred, bias-free"),
-    timm.layers.BatchNormAct2d: Rule(REPLACE, _batchnorm_act, "uncentred, bias-free; activation kept"),
+    timm.layers.BatchNormAct2d: Rule(REPLACE, _norm_act(UncenteredBatchNorm2d), "uncentred, bias-free; act kept"),
+    timm.layers.GroupNormAct: Rule(REPLACE, _norm_act(DetachableGroupNorm), "std detached; act kept"),
+    timm.layers.GroupNorm1Act: Rule(REPLACE, _norm_act(DetachableGroupNorm), "std detached; act kept"),
+    timm.layers.LayerNormAct: Rule(REPLACE, _norm_act(DetachableLayerNorm), "std detached; act kept"),
+    timm.layers.LayerNormAct2d: Rule(REPLACE, _norm_act(DetachableLayerNorm2d), "std detached; act kept"),
     nn.LayerNorm: Rule(REPLACE, _layernorm, "std detached in explanation mode"),
     timm.layers.LayerNorm: Rule(REPLACE, _layernorm, "std detached in explanation mode"),
     timm.layers.LayerNorm2d: Rule(REPLACE, _layernorm2d, "std detached in explanation mode"),
     tv_convnext.LayerNorm2d: Rule(REPLACE, _layernorm2d, "std detached in explanation mode"),
     nn.GroupNorm: Rule(REPLACE, _groupnorm, "std detached in explanation mode"),
+    timm.layers.GroupNorm: Rule(REPLACE, _groupnorm, "std detached in explanation mode"),
+    timm.layers.GroupNorm1: Rule(REPLACE, _groupnorm, "std detached in explanation mode"),
     # activations as gates
     nn.ReLU6: Rule(REPLACE, _gate(relu6_gate, "relu6")),
     nn.GELU: Rule(REPLACE, _gelu),
