@@ -7,6 +7,7 @@ from .convert import convert  # noqa: E402
 from .errors import BcosifyError, CheckpointError, ConversionError  # noqa: E402
 from .explain import Explanation, explain  # noqa: E402
 from .model import BcosModel  # noqa: E402
+from .saving import load, save  # noqa: E402
 
 __all__ = ["BcosConfig", "BcosModel", "BcosifyError", "CheckpointError", "ConversionError", "Explanation",
-           "__version__", "convert", "explain"]
+           "__version__", "convert", "explain", "load", "save"]

@@ -58,6 +58,7 @@ class BcosModel(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.source = dict(source or {})
+        self.class_names: list[str] | None = None
 
     @property
     def logit_bias(self) -> float:
@@ -78,6 +79,7 @@ class BcosModel(nn.Module):
             "in_chans": self.in_chans,
             "num_classes": self.num_classes,
             "logit_bias": self.logit_bias,
+            "class_names": self.class_names,
         }
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
