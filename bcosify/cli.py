@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import sys
 import time
 from typing import Callable, Sequence
@@ -76,8 +78,88 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="timm:NAME or torchvision:NAME")
+    p.add_argument("--out", required=True, type=pathlib.Path, help="folder to save the converted model in")
+    p.add_argument("--weights", default="hub",
+                   help="checkpoint file (.safetensors/.pth), 'hub' for the pretrained weights, 'none' for random")
+    p.add_argument("--key-map", choices=["positional"], help="match checkpoint tensors to the model by order")
+    p.add_argument("--num-classes", type=int, help="replace the classifier with one of this many classes")
+    p.add_argument("--b", type=float, default=2.0, help="alignment exponent (default 2)")
+    p.add_argument("--keep-bias", action="store_true", help="keep biases (with --b 1: the original function)")
+    p.add_argument("--mean", type=float, nargs="+", help="input normalisation mean (default: model metadata)")
+    p.add_argument("--std", type=float, nargs="+", help="input normalisation std (default: model metadata)")
+    p.add_argument("--normalize-weights", action="store_true", help="unit-norm weight rows (B-cos v2)")
+    p.add_argument("--maxpool-to-avgpool", action="store_true", help="replace max pooling by average pooling")
+    p.add_argument("--gap-reorder", action="store_true", help="classifier as 1x1 conv before global pooling")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON constructor arguments, e.g. \'{"in_chans": 1}\'')
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert a timm/torchvision model (optionally from a local checkpoint) and save it."""
+    import bcosify
+
+    weights = None if args.weights.lower() == "none" else args.weights
+    bmodel = bcosify.convert(args.spec, weights=weights, key_map=args.key_map, model_kwargs=args.model_kwargs,
+                             num_classes=args.num_classes, b=args.b, keep_bias=args.keep_bias, mean=args.mean,
+                             std=args.std, normalize_weights=args.normalize_weights,
+                             maxpool_to_avgpool=args.maxpool_to_avgpool, gap_reorder=args.gap_reorder)
+    bcosify.save(bmodel, args.out)
+    counts = ", ".join(f"{n} {a}" for a, n in bmodel.report.counts().items())
+    print(f"converted {args.spec} ({counts}); saved to {args.out}")
+    return 0
+
+
+def _configure_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", type=pathlib.Path, help="a folder written by bcosify convert / bcosify.save")
+    p.add_argument("--json", action="store_true", help="print the whole config as JSON")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Show a saved model's config and conversion report."""
+    from .saving import read_config
+    from .surgery.report import ConversionReport
+
+    config = read_config(args.folder)
+    if args.json:
+        print(json.dumps(config, indent=2))
+        return 0
+    source = config["source"]
+    print(f"source:       {source.get('spec') or source.get('class')}  {source.get('model_kwargs') or ''}")
+    print(f"format:       {config['format_version']} (bcosify {config.get('bcosify_version', '?')})")
+    print(f"input:        {config['in_chans']} channels in [0, 1]; classes: {config['num_classes']}; "
+          f"logit bias {config['logit_bias']:.6g}")
+    for key, value in config["options"].items():
+        print(f"  {key:20s}{value}")
+    if config.get("report"):
+        print()
+        print(ConversionReport.from_dict(config["report"]).table())
+    return 0
+
+
+def _configure_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", type=pathlib.Path, help="a saved model folder")
+    p.add_argument("--onnx", required=True, type=pathlib.Path, help="ONNX file to write")
+    p.add_argument("--size", type=int, default=224, help="example image size for tracing (default 224)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a saved model to ONNX (input: images in [0, 1]; output: logits)."""
+    import torch
+
+    import bcosify
+
+    bmodel = bcosify.load(args.folder)
+    path = bcosify.export_onnx(bmodel, args.onnx, torch.rand(1, bmodel.in_chans, args.size, args.size))
+    print(f"wrote {path}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {
     "demo": (cmd_demo, lambda p: None),
+    "convert": (cmd_convert, _configure_convert),
+    "info": (cmd_info, _configure_info),
+    "export": (cmd_export, _configure_export),
 }
 
 
@@ -96,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (BcosifyError, ValueError, TypeError, FileNotFoundError) as e:
+    except (BcosifyError, ValueError, TypeError, OSError) as e:
         if args.debug:
             raise
         print(f"bcosify {args.command}: error: {e}", file=sys.stderr)

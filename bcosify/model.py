@@ -19,7 +19,10 @@ RANGE_TOLERANCE = 1e-4
 
 
 def check_images(x: Any, in_chans: int) -> None:
-    """Raise a ``ValueError``/``TypeError`` unless ``x`` is a finite float batch ``(N, in_chans, H, W)`` in [0, 1]."""
+    """Raise a ``ValueError``/``TypeError`` unless ``x`` is a finite float batch ``(N, in_chans, H, W)`` in [0, 1].
+
+    Value checks are skipped while ``torch.compile`` traces (they would break the graph).
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
     if x.dim() != 4:
@@ -31,6 +34,8 @@ def check_images(x: Any, in_chans: int) -> None:
                          "(for uint8 images divide by 255)")
     if x.numel() == 0:
         raise ValueError(f"expected a non-empty batch, got shape {tuple(x.shape)}")
+    if torch.compiler.is_compiling():
+        return
     if not bool(torch.isfinite(x).all()):
         raise ValueError("images contain NaN or inf values")
     low, high = torch.aminmax(x.detach())

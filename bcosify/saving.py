@@ -100,7 +100,7 @@ def save(model: BcosModel, folder: str | os.PathLike, *, class_names: Sequence[s
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {"format": "pt", "bcosify_format_version": str(FORMAT_VERSION)}
     _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-    config = {**model.config, "weights_sha256": _sha256(folder / WEIGHTS_FILE)}
+    config = {**model.config, "weights_sha256": _sha256(folder / WEIGHTS_FILE), "report": model.report.to_dict()}
     _atomic_write(folder / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
     _atomic_write(folder / CARD_FILE, lambda tmp: tmp.write_text(model_card(model)))
     return folder

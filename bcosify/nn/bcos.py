@@ -50,7 +50,8 @@ def bcos_scale(lin: torch.Tensor, sq: torch.Tensor, b: float, eps: float, detach
     """
     if b == 1:
         return lin
-    if detach:
+    needs_grad = torch.is_grad_enabled() and (lin.requires_grad or sq.requires_grad)
+    if detach or not needs_grad:  # plain ops: the backward (if any) treats the factor as a constant
         norm = (sq + eps).sqrt()
         scale = lin.abs() / norm if b == 2 else (lin.abs() / norm).pow(b - 1)
         return lin * scale.detach()
@@ -85,8 +86,8 @@ def conv_patch_sq_norms(
     if kernel_size == (1, 1) and padding == (0, 0):
         return sq[:, :, :: stride[0], :: stride[1]]
     if dilation == (1, 1) and all(p <= k // 2 for p, k in zip(padding, kernel_size)):
-        return F.avg_pool2d(sq, kernel_size, stride, padding, ceil_mode=False, count_include_pad=True,
-                            divisor_override=1)
+        area = kernel_size[0] * kernel_size[1]  # (not divisor_override: ONNX AveragePool lacks it)
+        return F.avg_pool2d(sq, kernel_size, stride, padding, ceil_mode=False, count_include_pad=True) * area
     ones = sq.new_ones(sq.shape[1], 1, *kernel_size)
     return F.conv2d(sq, ones, None, stride, padding, dilation, groups=sq.shape[1])
 

@@ -1,0 +1,83 @@
+"""The ``bcosify`` command line, run as users run it: in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bcosify
+from bcosify.checkpoints import efficientnet_lite0_checkpoint_path
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "bcosify.cli", *args], capture_output=True, text=True, env=env,
+                            timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "r18"
+    result = run("convert", "timm:resnet18", "--weights", "none", "--num-classes", "3", "--b", "1.5",
+                 "--model-kwargs", '{"drop_rate": 0.1}', "--out", str(out))
+    assert "saved to" in result.stdout
+    return out
+
+
+def test_convert_then_info(converted):
+    config = json.loads((converted / "config.json").read_text())
+    assert config["options"]["b"] == 1.5 and config["num_classes"] == 3
+    assert config["source"]["model_kwargs"] == {"drop_rate": 0.1}
+    info = run("info", str(converted)).stdout
+    assert "timm:resnet18" in info and "BcosConv2d" in info and "first layer" in info
+    as_json = json.loads(run("info", str(converted), "--json").stdout)
+    assert as_json["options"] == config["options"]
+    assert bcosify.load(converted).num_classes == 3
+
+
+def test_convert_real_checkpoint_with_positional_key_map(tmp_path):
+    out = tmp_path / "lite0"
+    run("convert", "timm:efficientnet_lite0", "--weights", str(efficientnet_lite0_checkpoint_path()),
+        "--key-map", "positional", "--b", "1", "--keep-bias", "--out", str(out))
+    loaded = bcosify.load(out)
+    assert loaded.options.keep_bias and loaded.b == 1.0
+
+
+def test_export_onnx_from_cli(converted, tmp_path):
+    path = tmp_path / "model.onnx"
+    assert "wrote" in run("export", str(converted), "--onnx", str(path), "--size", "32").stdout
+    assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (("info", "/no/such/folder"), "no saved model folder"),
+    (("convert", "timm:no_such_net", "--weights", "none", "--out", "/tmp/x"), "unknown timm model"),
+    (("convert", "resnet18", "--weights", "none", "--out", "/tmp/x"), "unknown model spec"),
+    (("convert", "timm:resnet18", "--weights", "/no/such.pth", "--out", "/tmp/x"), "checkpoint file not found"),
+    (("convert", "timm:resnet18", "--weights", "none", "--b", "0.5", "--out", "/tmp/x"), "b must be"),
+    (("export", "/no/such/folder", "--onnx", "/tmp/x.onnx"), "no saved model folder"),
+])
+def test_bad_input_gives_one_line_error_and_nonzero_exit(args, message):
+    result = run(*args, check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_debug_shows_traceback():
+    result = run("--debug", "info", "/no/such/folder", check=False)
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_usage_error_exit_code():
+    result = run("convert", check=False)
+    assert result.returncode == 2 and "required" in result.stderr

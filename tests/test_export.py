@@ -1,0 +1,56 @@
+"""ONNX export parity with onnxruntime, and torch.compile parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+import bcosify
+from helpers import rescale_bcos_layers
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    bmodel = bcosify.convert("timm:efficientnet_b0", weights=None, model_kwargs={"num_classes": 4}).eval()
+    return rescale_bcos_layers(bmodel, torch.rand(4, 3, 32, 32))
+
+
+def test_onnx_matches_pytorch(model, tmp_path):
+    path = bcosify.export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 3, 32, 32))
+    session = onnxruntime.InferenceSession(str(path))
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    x = torch.rand(3, 3, 32, 32)  # another batch size than the example: the batch is dynamic
+    (out,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        reference = model(x).numpy()
+    assert np.abs(out - reference).max() <= 1e-4 * max(1.0, np.abs(reference).max())
+    assert not list(tmp_path.glob(".*.onnx"))  # no temporary file left
+
+
+def test_onnx_export_checks_its_example(model, tmp_path):
+    with pytest.raises(ValueError, match="channels"):
+        bcosify.export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 1, 32, 32))
+    with pytest.raises(TypeError, match="BcosModel"):
+        bcosify.export_onnx(nn.Conv2d(3, 3, 1), tmp_path / "m.onnx", torch.rand(1, 3, 32, 32))
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_same_logits():
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 8, 3, groups=2),
+                             nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    bmodel = rescale_bcos_layers(bcosify.convert(original.eval(), mean=0.5, std=0.25), torch.rand(4, 3, 16, 16))
+    compiled = torch.compile(bmodel)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), bmodel(x), rtol=1e-5, atol=1e-6)
+    # and training through the compiled model gives the eager gradients
+    bmodel.train()
+    x.requires_grad_(True)
+    (grad_eager,) = torch.autograd.grad(bmodel(x).sum(), x)
+    (grad_compiled,) = torch.autograd.grad(compiled(x).sum(), x)
+    torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-4, atol=1e-6)
