@@ -1,0 +1,143 @@
+"""Datasets as images in [0, 1]: Fashion-MNIST from its IDX files, and any image folder."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pathlib
+import struct
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .errors import BcosifyError
+
+FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+_IDX_TYPES = {0x08: torch.uint8}
+
+
+class DataError(BcosifyError, FileNotFoundError):
+    """A dataset is missing or unreadable."""
+
+
+def read_idx(path: str | os.PathLike) -> torch.Tensor:
+    """The array stored in an IDX file (optionally gzip-compressed), as a uint8 tensor."""
+    path = pathlib.Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as stream:
+            data = stream.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read IDX file {str(path)!r}: {e}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
+        raise DataError(f"{str(path)!r} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{str(path)!r} is truncated (incomplete header)")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    count = 1
+    for size in shape:
+        count *= size
+    if len(data) - header != count:
+        raise DataError(f"{str(path)!r} is truncated or corrupted: {len(data) - header} bytes for shape {shape}")
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).view(*shape)
+
+
+def _find(root: pathlib.Path, name: str) -> pathlib.Path | None:
+    for candidate in (root / name, root / f"{name}.gz", root / "FashionMNIST" / "raw" / name,
+                      root / "FashionMNIST" / "raw" / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class ImageTensorDataset(Dataset):
+    """Images held in memory as uint8 ``(N, C, H, W)``, served as float ``[0, 1]`` with integer labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...], channels: int = 1):
+        if images.dim() != 4 or images.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 images (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if channels not in (images.shape[1], 3):
+            raise ValueError(f"channels must be {images.shape[1]} or 3, got {channels}")
+        self.images = images
+        self.labels = labels.long()
+        self.classes = classes
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index].float().div_(255)
+        if self.channels != image.shape[0]:
+            image = image.expand(self.channels, -1, -1).contiguous()
+        return image, int(self.labels[index])
+
+
+def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None, *, size: int | None = None,
+                  channels: int = 1, download: bool = False, limit: int | None = None) -> ImageTensorDataset:
+    """Fashion-MNIST (28x28 grey, 10 classes) as images in [0, 1].
+
+    Read from the IDX files under ``root`` (default: the Debian package ``dataset-fashion-mnist`` folder
+    ``/usr/share/datasets/fashion-mnist``); with ``download=True`` torchvision fetches them where a network
+    exists. ``size`` resizes (bilinear, antialiased); ``channels=3`` replicates the grey channel;
+    ``limit`` keeps the first ``limit`` images.
+    """
+    if split not in _FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = pathlib.Path(root) if root is not None else FASHION_MNIST_DIR
+    image_name, label_name = _FILES[split]
+    image_file, label_file = _find(root, image_name), _find(root, label_name)
+    if (image_file is None or label_file is None) and download:
+        from torchvision.datasets import FashionMNIST
+
+        FashionMNIST(str(root), train=split == "train", download=True)
+        image_file, label_file = _find(root, image_name), _find(root, label_name)
+    if image_file is None or label_file is None:
+        raise DataError(
+            f"Fashion-MNIST {split} files ({image_name}[.gz], {label_name}[.gz]) not found under {str(root)!r}. "
+            "Install them with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), pass root=FOLDER, or "
+            "use download=True where a network is available.")
+    images, labels = read_idx(image_file), read_idx(label_file)
+    if images.dim() != 3 or labels.dim() != 1 or len(images) != len(labels):
+        raise DataError(f"unexpected Fashion-MNIST shapes: images {tuple(images.shape)}, labels {tuple(labels.shape)}")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    images = images[:, None]
+    if size is not None and size != images.shape[-1]:
+        images = resize_uint8(images, size)
+    return ImageTensorDataset(images, labels, FASHION_MNIST_CLASSES, channels)
+
+
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Resize a uint8 batch ``(N, C, H, W)`` to ``size x size`` (bilinear, antialiased), in chunks."""
+    out = []
+    for start in range(0, len(images), chunk):
+        part = images[start:start + chunk].float()
+        part = F.interpolate(part, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(part.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def image_folder(root: str | os.PathLike, size: int = 224, channels: int = 3):
+    """A ``torchvision.datasets.ImageFolder`` (one sub-folder per class) as ``size x size`` images in [0, 1]."""
+    from torchvision import datasets, transforms
+
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} not found (expected one sub-folder of images per class)")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    steps = [transforms.Resize(size), transforms.CenterCrop(size)]  # the loader yields RGB images
+    if channels == 1:
+        steps.append(transforms.Grayscale())
+    try:
+        return datasets.ImageFolder(str(root), transform=transforms.Compose(steps + [transforms.ToTensor()]))
+    except (FileNotFoundError, RuntimeError) as e:
+        raise DataError(f"cannot use {str(root)!r} as an image folder: {e}") from None

@@ -1,0 +1,173 @@
+"""bcosify.finetune: losses, b schedules, checkpoints and resume, divergence, and evaluation."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import bcosify
+from bcosify.training import TrainingDivergedError, evaluate, latest_checkpoint
+
+
+def _data(n=96, seed=0):
+    """Two-class images: class 1 has a reddish patch, class 0 a bluish one, anywhere in the image."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    x = torch.rand(n, 3, 16, 16, generator=g) * 0.4
+    for i in range(n):
+        r, c = torch.randint(0, 10, (2,), generator=g).tolist()
+        x[i, 0 if labels[i] == 1 else 2, r:r + 6, c:c + 6] += 0.6
+    return TensorDataset(x.clamp(0, 1), labels)
+
+
+@functools.lru_cache(maxsize=1)
+def _pretrained() -> nn.Module:
+    """The "existing checkpoint": a small CNN trained on the task (as users convert pretrained models)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    for _ in range(5):
+        for x, y in _loader():
+            nn.functional.cross_entropy(model((x - 0.5) / 0.25), y).backward()
+            opt.step(), opt.zero_grad()
+    return model.eval()
+
+
+def _original() -> nn.Module:
+    return copy.deepcopy(_pretrained())
+
+
+def _loader(seed=0, shuffle=True, batch_size=16):
+    return DataLoader(_data(seed=seed), batch_size=batch_size, shuffle=shuffle)
+
+
+def _model():
+    return bcosify.convert(_original(), mean=0.5, std=0.25)
+
+
+@pytest.mark.parametrize("loss", ["bce", "bce_uniform", "ce", "distill"])
+def test_every_loss_learns(loss):
+    model = _model()
+    teacher = _original() if loss == "distill" else None
+    history = bcosify.finetune(model, _loader(), val=_loader(seed=1, shuffle=False), teacher=teacher, epochs=4,
+                               lr=1e-2, loss=loss, progress=False)
+    losses = [e["loss"] for e in history.epochs]
+    assert losses[-1] < losses[0]
+    assert history.epochs[-1]["val_accuracy"] >= 0.9
+    assert not model.training and model.b == 2.0
+
+
+def test_distill_needs_no_labels():
+    model = _model()
+    images_only = DataLoader(_data().tensors[0], batch_size=16)
+    history = bcosify.finetune(model, images_only, teacher=_original(), loss="distill", epochs=1, progress=False)
+    assert history.epochs[0]["accuracy"] is None and history.epochs[0]["loss"] > 0
+    with pytest.raises(ValueError, match="needs labels"):
+        bcosify.finetune(_model(), images_only, loss="bce", epochs=1, progress=False)
+
+
+def test_b_schedules():
+    model = _model()
+    model.set_b(1.0)
+    fixed = bcosify.finetune(model, _loader(), epochs=2, b=2.0, progress=False)
+    assert [e["b"] for e in fixed.epochs] == [2.0, 2.0]
+    ramped = _model()
+    steps_per_epoch = len(_loader())  # 6 updates per epoch
+    history = bcosify.finetune(ramped, _loader(), epochs=2, b=2.5, b_schedule="linear", b_ramp_steps=24,
+                               progress=False)
+    # b is set before each update: after 12 updates the last one used 1 + 1.5 * 11/24
+    assert history.epochs[0]["b"] == pytest.approx(1 + 1.5 * (steps_per_epoch - 1) / 24)
+    assert history.epochs[1]["b"] == pytest.approx(1 + 1.5 * (2 * steps_per_epoch - 1) / 24)
+    assert all(m.b == ramped.b for m in ramped.modules() if hasattr(m, "b") and isinstance(m.b, float))
+
+
+def test_history_has_the_promised_fields():
+    history = bcosify.finetune(_model(), _loader(), epochs=1, progress=False, schedule="cosine", warmup_steps=2)
+    record = history.epochs[0]
+    assert set(record) >= {"epoch", "loss", "accuracy", "lr", "b", "seconds", "updates"}
+    assert record["updates"] == 6 and history.last("epoch") == 1
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _StopAfter:
+    """A DataLoader that raises after ``n`` batches of the ``epoch``-th pass (simulates a killed run)."""
+
+    def __init__(self, loader, epoch, n):
+        self.loader, self.epoch, self.n, self.passes = loader, epoch, n, 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        self.passes += 1
+        for i, batch in enumerate(self.loader):
+            if self.passes == self.epoch and i == self.n:
+                raise _Interrupt
+            yield batch
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+    options = dict(epochs=3, lr=5e-3, grad_accum=2, progress=False, seed=7, checkpoint_every=1)
+    full = _model()
+    bcosify.finetune(full, _loader(), checkpoint_dir=str(tmp_path / "a"), **options)
+
+    killed = _model()
+    with pytest.raises(_Interrupt):
+        bcosify.finetune(killed, _StopAfter(_loader(), epoch=2, n=3), checkpoint_dir=str(tmp_path / "b"), **options)
+    assert latest_checkpoint(tmp_path / "b").name == "step-00000004"  # 3 updates in epoch 1, 1 in epoch 2
+    resumed = _model()  # a fresh process: nothing but the checkpoint folder survives
+    history = bcosify.finetune(resumed, _loader(), checkpoint_dir=str(tmp_path / "b"), resume=True, **options)
+    assert [e["epoch"] for e in history.epochs] == [1, 2, 3]
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not list((tmp_path / "b").glob(".*.tmp"))
+
+
+def test_nan_loss_stops_with_step_and_checkpoint(tmp_path):
+    model = _model()
+
+    class Poison:
+        def __len__(self):
+            return 6
+
+        def __iter__(self):
+            for i, batch in enumerate(_loader()):
+                if i == 3:
+                    with torch.no_grad():
+                        model.network[8].weight.fill_(float("nan"))
+                yield batch
+
+    with pytest.raises(TrainingDivergedError, match=r"at update 4 \(epoch 1, batch 4\).*step-00000003"):
+        bcosify.finetune(model, Poison(), epochs=1, checkpoint_dir=str(tmp_path), checkpoint_every=1,
+                         progress=False)
+
+
+def test_bad_options():
+    with pytest.raises(TypeError, match="unknown finetune options"):
+        bcosify.finetune(_model(), _loader(), epochs=1, frobnicate=1)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        bcosify.finetune(_model(), _loader(), epochs=1, loss="hinge")
+    with pytest.raises(ValueError, match="teacher"):
+        bcosify.finetune(_model(), _loader(), epochs=1, loss="distill")
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        bcosify.finetune(_model(), _loader(), epochs=1, resume=True)
+    with pytest.raises(TypeError, match="BcosModel"):
+        bcosify.finetune(_original(), _loader(), epochs=1)
+
+
+def test_evaluate_original_and_converted():
+    original, loader = _original(), _loader(seed=1, shuffle=False)
+    with pytest.raises(ValueError, match="mean and std"):
+        evaluate(original, loader)
+    a = evaluate(original, loader, mean=(0.5,) * 3, std=(0.25,) * 3)
+    b = evaluate(bcosify.convert(original, mean=0.5, std=0.25, b=1, keep_bias=True), loader)
+    assert a == b and a >= 0.9  # the pretrained original knows the task
