@@ -40,7 +40,27 @@ def _imagenet_categories() -> list[str]:
     return ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
 
 
+def _configure_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("demo-output"), help="output folder")
+    p.add_argument("--recipe", default="fashion-mnist", help="recipe name or YAML file (Fashion-MNIST recipes)")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the recipe's)")
+    p.add_argument("--limit", type=int, help="use only the first N training and test images (quick runs)")
+    p.add_argument("--cache-dir", type=pathlib.Path, help="where the trained original model is cached")
+    p.add_argument("--lite0", action="store_true",
+                   help="instead: convert the real ImageNet EfficientNet-Lite0 and show the conversion is exact")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Train a ResNet-18 on Fashion-MNIST, B-cosify it in one call, fine-tune, evaluate, explain, export."""
+    if args.lite0:
+        return _demo_lite0()
+    from .demo import run_demo
+
+    run_demo(args.out, args.recipe, cache_dir=args.cache_dir, epochs=args.epochs, limit=args.limit)
+    return 0
+
+
+def _demo_lite0() -> int:
     """Convert the real ImageNet EfficientNet-Lite0 in one call and show that the conversion is exact."""
     import torch
 
@@ -156,7 +176,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {
-    "demo": (cmd_demo, lambda p: None),
+    "demo": (cmd_demo, _configure_demo),
     "convert": (cmd_convert, _configure_convert),
     "info": (cmd_info, _configure_info),
     "export": (cmd_export, _configure_export),
