@@ -27,24 +27,27 @@ import bcosify
 from bcosify.convert import build_model
 from bcosify.data import fashion_mnist
 from bcosify.demo import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from bcosify.training import evaluate
+from bcosify.training import evaluate, resolve_device
 
 
-def train_original(model: nn.Module, train: DataLoader, test: DataLoader, epochs: int, lr: float) -> list[float]:
-    mean = torch.tensor(FASHION_MNIST_MEAN).view(1, -1, 1, 1)
-    std = torch.tensor(FASHION_MNIST_STD).view(1, -1, 1, 1)
+def train_original(model: nn.Module, train: DataLoader, test: DataLoader, epochs: int, lr: float,
+                   device: torch.device) -> list[float]:
+    mean = torch.tensor(FASHION_MNIST_MEAN, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(FASHION_MNIST_STD, device=device).view(1, -1, 1, 1)
+    model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(train))
     accuracies = []
     for epoch in range(epochs):
         model.train()
         for x, y in train:
+            x, y = x.to(device), y.to(device)
             loss = nn.functional.cross_entropy(model((x - mean) / std), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-        accuracies.append(evaluate(model, test, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD))
+        accuracies.append(evaluate(model, test, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, device=str(device)))
         print(f"  original epoch {epoch + 1}: {accuracies[-1]:.4f}", flush=True)
     return accuracies
 
@@ -79,14 +82,17 @@ def main() -> None:
     parser.add_argument("--lr-original", type=float, default=1e-3)
     parser.add_argument("--lr-bcos", type=float, default=1e-3, help="fine-tuning and from-scratch B-cos lr")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--data-root", help="folder of the Fashion-MNIST IDX files (default: Debian's)")
     parser.add_argument("--json", type=pathlib.Path, default=pathlib.Path("benchmarks/results/recovery.json"))
     parser.add_argument("--plot", type=pathlib.Path, help="PNG plot of accuracy per epoch (needs matplotlib)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
-    train_set = fashion_mnist("train", size=args.size, limit=args.train_limit)
-    test = DataLoader(fashion_mnist("test", size=args.size), batch_size=512)
+    device = resolve_device(args.device)
+    train_set = fashion_mnist("train", args.data_root, size=args.size, limit=args.train_limit)
+    test = DataLoader(fashion_mnist("test", args.data_root, size=args.size), batch_size=512)
 
     def loader(seed: int) -> DataLoader:
         return DataLoader(train_set, batch_size=args.batch, shuffle=True, drop_last=True,
@@ -96,9 +102,10 @@ def main() -> None:
     torch.manual_seed(0)
     original = build_model("timm:resnet18", weights=None, model_kwargs=kwargs)
     init = copy.deepcopy(original)
-    results = {"original": train_original(original, loader(0), test, args.epochs, args.lr_original)}
+    print(f"device {device}; {len(train_set)} training images; {args.epochs} epochs per run", flush=True)
+    results = {"original": train_original(original, loader(0), test, args.epochs, args.lr_original, device)}
     norm = dict(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
-    common = dict(lr=args.lr_bcos, loss="bce", schedule="cosine", agc_clip=0.01)
+    common = dict(lr=args.lr_bcos, loss="bce", schedule="cosine", agc_clip=0.01, device=str(device))
     results["fixed"] = train_bcos("fixed", bcosify.convert(original.eval(), **norm), loader(1), test, args.epochs,
                                   b_schedule="fixed", **common)
     results["ramp"] = train_bcos("ramp", bcosify.convert(original.eval(), **norm), loader(1), test, args.epochs,
