@@ -89,6 +89,8 @@ def convert(model: nn.Module | str, *, b: float = 2.0, keep_bias: bool = False, 
         raise ConversionError("this model already contains bcosify layers; convert the original model instead")
 
     info = trace(network)
+    if source.get("spec") is None:
+        source.update(_timm_spec(network, info.in_chans, info.num_classes))
     mean, std, norm_source = resolve_normalisation(network, config, info.in_chans)
     config.mean, config.std = mean, std
     num_classes_out = info.num_classes
@@ -108,3 +110,12 @@ def convert(model: nn.Module | str, *, b: float = 2.0, keep_bias: bool = False, 
     bmodel = BcosModel(network, config, report, in_chans=info.in_chans, num_classes=num_classes_out,
                        logit_bias=default_logit_bias(config, num_classes_out), source=source)
     return bmodel.train(model.training if isinstance(model, nn.Module) else False)
+
+
+def _timm_spec(model: nn.Module, in_chans: int, num_classes: int) -> dict[str, Any]:
+    """The spec that rebuilds a timm model instance (so ``bcosify.load`` needs no skeleton), if it is one."""
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not architecture or not type(model).__module__.startswith("timm."):
+        return {}
+    return {"spec": f"timm:{architecture}", "model_kwargs": {"in_chans": in_chans, "num_classes": num_classes},
+            "spec_inferred": True}

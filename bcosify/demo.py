@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import viz
 from .data import fashion_mnist
 from .recipes import Recipe, load_recipe
 from .training import evaluate
@@ -93,12 +94,14 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     bcosified_accuracy = evaluate(bmodel, test, progress=progress)
 
     x, y = next(iter(DataLoader(test.dataset, batch_size=64)))
-    explanation = bcosify.explain(bmodel.double(), x.double())
+    explanation = bcosify.explain(bmodel.double(), x.double())  # float64: completeness to rounding error
     bmodel.float()
     completeness = explanation.completeness_error.max().item()
     classes = list(test.dataset.classes)
     bcosify.save(bmodel, out / "model", class_names=classes)
-    pictures = _write_pictures(bmodel, x[:8], classes, out)
+    shown = bcosify.explain(bmodel, x[:8])
+    pictures = [viz.save_explanation_grid(out / "explanations.png", x[:8], shown, class_names=classes,
+                                          labels=[f"true {classes[int(t)]}" for t in y[:8]])]
 
     summary = {"original_accuracy": original_accuracy, "bcosified_accuracy": bcosified_accuracy,
                "completeness_error_max": completeness, "epochs": len(history.epochs),
@@ -112,10 +115,3 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     print(f"completeness error (max over 64 test images, float64): {completeness:.1e}")
     print(f"fine-tuning epochs: {len(history.epochs)}; total time {summary['seconds']:.0f} s; outputs in {out}/")
     return summary
-
-
-def _write_pictures(bmodel, x: torch.Tensor, classes: list[str], out: pathlib.Path) -> list[pathlib.Path]:
-    """Explanation grid of the first test images."""
-    from . import viz
-
-    return [viz.save_explanation_grid(bmodel, x, out / "explanations.png", class_names=classes)]

@@ -220,3 +220,15 @@ def test_malicious_pickle_through_convert_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="never unpickles"):
         bcosify.convert("timm:resnet18", weights=path)
     assert not marker.exists()
+
+
+def test_timm_instance_round_trips_without_skeleton(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=4, in_chans=1).eval()
+    bmodel = bcosify.convert(model, mean=0.5, std=0.2).eval()
+    assert bmodel.source["spec"] == "timm:resnet18" and bmodel.source["spec_inferred"]
+    bcosify.save(bmodel, tmp_path / "m")
+    loaded = bcosify.load(tmp_path / "m")
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), bmodel(x))

@@ -1,0 +1,31 @@
+"""The end-to-end demo on real Fashion-MNIST, shortened (a few hundred images, one epoch)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import bcosify
+from bcosify.demo import run_demo
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    summary = run_demo(tmp_path / "out", limit=640, epochs=1, cache_dir=tmp_path / "cache", progress=False)
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    for key in ("original_accuracy", "bcosified_accuracy", "completeness_error_max", "epochs", "seconds"):
+        assert key in saved and saved[key] == summary[key]
+    assert 0 <= saved["original_accuracy"] <= 1 and 0 <= saved["bcosified_accuracy"] <= 1
+    assert saved["completeness_error_max"] < 1e-6 and saved["epochs"] == 1
+    picture = Image.open(tmp_path / "out" / "explanations.png")
+    assert picture.width > 300 and picture.height > 8 * 100
+    model = bcosify.load(tmp_path / "out" / "model")
+    assert model.class_names[0] == "T-shirt/top" and model.in_chans == 1
+    # a second run reuses the cached original model
+    assert (tmp_path / "cache" / "fashion-mnist-original.safetensors").is_file()
+    again = run_demo(tmp_path / "out2", limit=640, epochs=1, cache_dir=tmp_path / "cache", progress=False)
+    assert again["original_accuracy"] == summary["original_accuracy"]
+    assert torch.tensor(again["seconds"]) > 0
