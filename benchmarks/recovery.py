@@ -84,6 +84,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--data-root", help="folder of the Fashion-MNIST IDX files (default: Debian's)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"], help="finetune's mixed precision")
     parser.add_argument("--json", type=pathlib.Path, default=pathlib.Path("benchmarks/results/recovery.json"))
     parser.add_argument("--plot", type=pathlib.Path, help="PNG plot of accuracy per epoch (needs matplotlib)")
     args = parser.parse_args()
@@ -105,7 +106,7 @@ def main() -> None:
     print(f"device {device}; {len(train_set)} training images; {args.epochs} epochs per run", flush=True)
     results = {"original": train_original(original, loader(0), test, args.epochs, args.lr_original, device)}
     norm = dict(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
-    common = dict(lr=args.lr_bcos, loss="bce", schedule="cosine", agc_clip=0.01, device=str(device))
+    common = dict(lr=args.lr_bcos, loss="bce", schedule="cosine", agc_clip=0.01, device=str(device), amp=args.amp)
     results["fixed"] = train_bcos("fixed", bcosify.convert(original.eval(), **norm), loader(1), test, args.epochs,
                                   b_schedule="fixed", **common)
     results["ramp"] = train_bcos("ramp", bcosify.convert(original.eval(), **norm), loader(1), test, args.epochs,
