@@ -175,11 +175,199 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a saved model folder (bcosify convert / bcosify.save) or a spec timm:NAME / "
+                                 "torchvision:NAME, converted on the fly")
+    p.add_argument("--weights", help="for a spec: checkpoint file, 'hub' (default) or 'none' for random weights")
+    p.add_argument("--key-map", choices=["positional"], help="for a spec: match checkpoint tensors by order")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help="for a spec: JSON constructor arguments")
+    p.add_argument("--b", type=float, help="for a spec: alignment exponent (default 2)")
+    p.add_argument("--keep-bias", action="store_true", help="for a spec: keep biases (with --b 1: the original "
+                                                            "function)")
+    p.add_argument("--size", type=int, default=224, help="images are resized and centre-cropped to this (default 224)")
+
+
+def _model_from_args(args: argparse.Namespace):
+    """``(BcosModel, original model or None)`` from a saved folder or a spec plus conversion options."""
+    import bcosify
+    from bcosify.convert import build_model
+
+    spec_only = [flag for flag, given in (("--weights", args.weights is not None), ("--key-map", args.key_map),
+                                          ("--model-kwargs", args.model_kwargs), ("--keep-bias", args.keep_bias),
+                                          ("--b", args.b is not None)) if given]
+    if pathlib.Path(args.model).is_dir():
+        if spec_only:
+            raise ValueError(f"{', '.join(spec_only)} apply to a model spec, not to a saved model folder")
+        return bcosify.load(args.model).eval(), None
+    if ":" not in args.model:
+        raise ValueError(f"MODEL must be a saved model folder or a spec such as timm:resnet18; {args.model!r} is "
+                         "neither")
+    weights = args.weights or "hub"
+    original = build_model(args.model, None if weights.lower() == "none" else weights, args.model_kwargs,
+                           args.key_map).eval()
+    return bcosify.convert(original, b=2.0 if args.b is None else args.b, keep_bias=args.keep_bias).eval(), original
+
+
+def _class_names(bmodel) -> list[str] | None:
+    if bmodel.class_names:
+        return list(bmodel.class_names)
+    return _imagenet_categories() if bmodel.num_classes == 1000 else None
+
+
+def _configure_explain(p: argparse.ArgumentParser) -> None:
+    _add_model_arguments(p)
+    p.add_argument("images", nargs="+", type=pathlib.Path, help="image files (anything Pillow reads)")
+    p.add_argument("--out", required=True, type=pathlib.Path, help="folder for the PNG grids")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--target", type=int, help="explain this class for every image (default: the prediction)")
+    which.add_argument("--topk", type=int, help="explain each image's N highest-scoring classes (one row each)")
+    p.add_argument("--rows", type=int, default=8, help="rows per PNG grid (default 8)")
+    p.add_argument("--batch-size", type=int, default=16, help="images explained at once (default 16)")
+    p.add_argument("--colors", type=int, help="write palette PNGs with this many colours (2-256): smaller files")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Explain a model's predictions for image files and write PNG grids (image | explanation | contributions)."""
+    import torch
+    from tqdm import tqdm
+
+    import bcosify
+    from bcosify.viz import load_image, row_titles, save_explanation_grid
+
+    for flag, value in (("--rows", args.rows), ("--batch-size", args.batch_size), ("--size", args.size),
+                        ("--topk", args.topk if args.topk is not None else 1)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    bmodel, _ = _model_from_args(args)
+    if args.target is not None and not 0 <= args.target < bmodel.num_classes:
+        raise ValueError(f"--target must lie in [0, {bmodel.num_classes}), got {args.target}")
+    k = args.topk or 1
+    if k > bmodel.num_classes:
+        raise ValueError(f"--topk {k} is more than the model's {bmodel.num_classes} classes")
+    names = _class_names(bmodel)
+    per_page = max(1, args.rows // k)
+    pages = [args.images[i:i + per_page] for i in range(0, len(args.images), per_page)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    tiny = 0.0
+    written = []
+    with tqdm(total=len(args.images), unit="image", desc="explain", disable=len(args.images) <= args.batch_size,
+              file=sys.stderr) as bar:
+        for number, paths in enumerate(pages, 1):
+            x = torch.stack([load_image(p, args.size, channels=bmodel.in_chans) for p in paths])
+            if args.target is not None:
+                targets = torch.full((len(x), 1), args.target)
+            else:
+                with torch.no_grad():
+                    targets = torch.cat([bmodel(x[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)]
+                                        ).topk(k, dim=1).indices
+            rows_x = x.repeat_interleave(k, 0)
+            e = bcosify.explain(bmodel, rows_x, targets.flatten(), batch_size=args.batch_size)
+            labels = [p.name for p in paths for _ in range(k)]
+            for title in row_titles(e, names, labels)[::k]:
+                print(title)
+            tiny = max(tiny, e.explained_logit.abs().max().item())
+            name = "explanations.png" if len(pages) == 1 else f"explanations-{number:03d}.png"
+            written.append(save_explanation_grid(args.out / name, rows_x, e, class_names=names, labels=labels,
+                                                  colors=args.colors))
+            bar.update(len(paths))
+    if tiny < 1e-20:
+        print(f"note: the explained logits are tiny (|logit| <= {tiny:.1e}); a freshly converted pretrained model "
+              "at b=2 needs fine-tuning first; --b 1 --keep-bias explains the original model")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _folder_labels(classes: list[str], bmodel) -> list[int]:
+    """Model class index of each ImageFolder class folder name."""
+    if all(c.isdigit() for c in classes):
+        labels = [int(c) for c in classes]
+    elif _class_names(bmodel) and all(c in _class_names(bmodel) for c in classes):
+        labels = [_class_names(bmodel).index(c) for c in classes]
+    elif len(classes) == bmodel.num_classes:
+        labels = list(range(len(classes)))
+    else:
+        raise ValueError(f"cannot match the {len(classes)} class folders to the model's {bmodel.num_classes} "
+                         "classes: name them by class index (0, 1, ...) or by the model's class names, or give "
+                         "one folder per class in the model's order")
+    bad = [c for c, k in zip(classes, labels) if k >= bmodel.num_classes]
+    if bad:
+        raise ValueError(f"class folders {bad} name classes beyond the model's {bmodel.num_classes}")
+    return labels
+
+
+def _configure_evaluate(p: argparse.ArgumentParser) -> None:
+    _add_model_arguments(p)
+    p.add_argument("--data", required=True, type=pathlib.Path,
+                   help="image folder with one sub-folder per class (torchvision ImageFolder), named by class "
+                        "index or class name")
+    p.add_argument("--gridpg", type=int, required=True, metavar="N", help="grid pointing game on N x N grids")
+    p.add_argument("--grids", type=int, help="number of grids (default: each image used once)")
+    p.add_argument("--methods", type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
+                   help="comma-separated: bcos,ixg,gradcam,ig (default: all that apply; the post-hoc methods "
+                        "need MODEL as a spec, they run on the original model)")
+    p.add_argument("--per-class", type=int, default=10, help="images read per class folder (default 10)")
+    p.add_argument("--ig-steps", type=int, default=20, help="integrated gradients steps (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the grid layout (default 0)")
+    p.add_argument("--json", type=pathlib.Path, help="also write the results to this JSON file")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate explanations with the grid pointing game (B-cos and post-hoc methods on the original model)."""
+    import torch
+    from torchvision.datasets import ImageFolder
+
+    from bcosify.metrics import POSTHOC_METHODS, run_gridpg
+    from bcosify.viz import load_image
+
+    for flag, value in (("--gridpg", args.gridpg), ("--per-class", args.per_class), ("--ig-steps", args.ig_steps),
+                        ("--size", args.size), ("--grids", args.grids or 1)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if not args.data.is_dir():
+        raise FileNotFoundError(f"data folder not found: {str(args.data)!r}")
+    bmodel, original = _model_from_args(args)
+    methods = args.methods or (["bcos"] + (list(POSTHOC_METHODS) if original is not None else []))
+    if original is None and any(m in POSTHOC_METHODS for m in methods):
+        raise ValueError("post-hoc methods run on the original model: give MODEL as a spec (e.g. timm:resnet50 "
+                         "--weights FILE), not a saved folder")
+    dataset = ImageFolder(str(args.data))
+    labels_of = _folder_labels(dataset.classes, bmodel)
+    taken: dict[int, int] = {}
+    images, labels = [], []
+    for path, folder in dataset.samples:
+        if taken.get(folder, 0) < args.per_class:
+            taken[folder] = taken.get(folder, 0) + 1
+            images.append(load_image(path, args.size, channels=bmodel.in_chans))
+            labels.append(labels_of[folder])
+    x, y = torch.stack(images), torch.tensor(labels)
+    with torch.no_grad():
+        accuracy = (torch.cat([bmodel(x[i:i + 32]) for i in range(0, len(x), 32)]).argmax(1) == y).float().mean()
+    print(f"{len(x)} images of {len(dataset.classes)} classes from {args.data}; B-cos model top-1 accuracy "
+          f"{accuracy.item():.3f}")
+    results = run_gridpg(x, y, args.gridpg, bcos_model=bmodel, original=original, methods=methods,
+                         num_grids=args.grids, seed=args.seed, ig_steps=args.ig_steps, progress=len(methods) > 1)
+    n = args.gridpg
+    print(f"\nGridPG {n}x{n} (score: share of positive attribution in the explained cell; chance {1 / n ** 2:.3f})")
+    print(f"{'method':24s} {'model':9s} {'grids':>5s} {'mean':>6s} {'median':>6s} {'std':>6s}")
+    for key, result in results.items():
+        s = result.summary()
+        print(f"{result.method:24s} {'B-cos' if key == 'bcos' else 'original':9s} {s['grids']:5d} {s['mean']:6.3f} "
+              f"{s['median']:6.3f} {s['std']:6.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({"images": len(x), "accuracy": accuracy.item(),
+                                         "gridpg": {k: r.summary() for k, r in results.items()}}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {
     "demo": (cmd_demo, _configure_demo),
     "convert": (cmd_convert, _configure_convert),
     "info": (cmd_info, _configure_info),
     "export": (cmd_export, _configure_export),
+    "explain": (cmd_explain, _configure_explain),
+    "evaluate": (cmd_evaluate, _configure_evaluate),
 }
 
 

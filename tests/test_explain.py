@@ -94,3 +94,71 @@ def test_float32_completeness_is_close(model, x):
 def test_explain_needs_a_bcos_model(x):
     with pytest.raises(TypeError, match="BcosModel"):
         bcosify.explain(timm.create_model("resnet18", pretrained=False), x)
+
+
+# --------------------------------------------------------------------------- logit maps, chunking, slicing
+
+
+@pytest.fixture(scope="module")
+def reordered():
+    """A GAP-reordered model (classifier as a 1x1 conv before pooling): 2x2 logit maps at 64 px."""
+    torch.manual_seed(2)
+    bmodel = bcosify.convert(timm.create_model("resnet18", pretrained=False, num_classes=5), gap_reorder=True)
+    bmodel = bmodel.double()
+    return rescale_bcos_layers(bmodel, torch.rand(3, 3, 64, 64, dtype=torch.float64)).eval()
+
+
+def test_logit_maps_of_a_gap_reordered_model(reordered):
+    torch.manual_seed(3)
+    x = torch.rand(4, 3, 64, 64, dtype=torch.float64)
+    e = bcosify.explain(reordered, x)
+    assert e.logit_maps is not None and e.logit_maps.shape == (4, 5, 2, 2)
+    # the pooled maps are the logits (without the logit bias), and the maps differ between locations
+    torch.testing.assert_close(e.logit_maps.mean((2, 3)) + e.logit_bias, e.logits, rtol=1e-12, atol=1e-12)
+    assert (e.logit_maps.flatten(2).std(2) > 0).all()
+    torch.testing.assert_close(e.target_logit_maps.mean((1, 2)), e.explained_logit, rtol=1e-12, atol=1e-12)
+    assert e.completeness_error.max() < 1e-10
+    assert not e.logit_maps.requires_grad
+
+
+def test_logit_maps_batch_equals_per_image(reordered):
+    torch.manual_seed(4)
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    target = torch.tensor([4, 0])
+    batched = bcosify.explain(reordered, x, target)
+    for i in range(len(x)):
+        single = bcosify.explain(reordered, x[i:i + 1], int(target[i]))
+        torch.testing.assert_close(batched.logit_maps[i], single.logit_maps[0], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(batched.weights[i], single.weights[0], rtol=1e-12, atol=1e-14)
+
+
+def test_no_logit_maps_without_gap_reorder(model, x):
+    e = bcosify.explain(model, x[:2])
+    assert e.logit_maps is None and e.target_logit_maps is None
+
+
+def test_batch_size_chunks_give_the_same_result(model, x):
+    target = torch.tensor([0, 5, 2, 2, 1])
+    whole = bcosify.explain(model, x, target)
+    chunked = bcosify.explain(model, x, target, batch_size=2)
+    assert torch.equal(chunked.target, target) and len(chunked) == 5
+    torch.testing.assert_close(chunked.weights, whole.weights, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(chunked.completeness_error, whole.completeness_error, rtol=0, atol=1e-12)
+    predicted = bcosify.explain(model, x[:3], batch_size=2)
+    assert torch.equal(predicted.target, whole.logits[:3].argmax(1))
+    with pytest.raises(ValueError, match="batch_size"):
+        bcosify.explain(model, x, batch_size=0)
+    with pytest.raises(ValueError, match="shape"):
+        bcosify.explain(model, x, torch.tensor([0, 1]), batch_size=2)
+
+
+def test_indexing_an_explanation(model, x):
+    e = bcosify.explain(model, x)
+    one = e[3]
+    assert len(one) == 1 and torch.equal(one.weights[0], e.weights[3]) and one.logit_bias == e.logit_bias
+    assert torch.equal(e[-1].target, e.target[-1:])
+    assert torch.equal(e[1:4].contributions, e.contributions[1:4])
+    with pytest.raises(IndexError):
+        e[5]
+    with pytest.raises(TypeError, match="index"):
+        e["a"]
