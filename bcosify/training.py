@@ -8,7 +8,7 @@ import os
 import pathlib
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable
 
 import torch
@@ -439,7 +439,3 @@ def finetune(model: BcosModel, train: Iterable, *, val: Iterable | None = None, 
         resume_meta = None
     model.eval()
     return history
-
-
-def config_dict(cfg: FinetuneConfig) -> dict[str, Any]:
-    return asdict(cfg)
