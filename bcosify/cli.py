@@ -112,6 +112,8 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize-weights", action="store_true", help="unit-norm weight rows (B-cos v2)")
     p.add_argument("--maxpool-to-avgpool", action="store_true", help="replace max pooling by average pooling")
     p.add_argument("--gap-reorder", action="store_true", help="classifier as 1x1 conv before global pooling")
+    p.add_argument("--token-pool", choices=["mean"], default=None,
+                   help="ViTs: classify the mean of the patch tokens instead of the class token")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON constructor arguments, e.g. \'{"in_chans": 1}\'')
 
 
@@ -123,7 +125,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     bmodel = bcosify.convert(args.spec, weights=weights, key_map=args.key_map, model_kwargs=args.model_kwargs,
                              num_classes=args.num_classes, b=args.b, keep_bias=args.keep_bias, mean=args.mean,
                              std=args.std, normalize_weights=args.normalize_weights,
-                             maxpool_to_avgpool=args.maxpool_to_avgpool, gap_reorder=args.gap_reorder)
+                             maxpool_to_avgpool=args.maxpool_to_avgpool, gap_reorder=args.gap_reorder,
+                             token_pool=args.token_pool)
     bcosify.save(bmodel, args.out)
     counts = ", ".join(f"{n} {a}" for a, n in bmodel.report.counts().items())
     print(f"converted {args.spec} ({counts}); saved to {args.out}")

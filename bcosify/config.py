@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Sequence
 
 
+TOKEN_POOLS = (None, "mean")
+
+
 @dataclass
 class BcosConfig:
     """Every option of :func:`bcosify.convert`.
@@ -21,6 +24,9 @@ class BcosConfig:
         logit_bias: fixed value added to every logit; ``None`` means ``-log(C - 1)``, or 0 with ``keep_bias``.
         maxpool_to_avgpool: replace max pooling by average pooling (paper recipe option).
         gap_reorder: apply the classifier as a 1x1 conv before global average pooling.
+        token_pool: ``"mean"`` classifies the mean of the patch tokens instead of the class token (vision
+            transformers, as B-cos ViTs do; changes the function, so fine-tune after); ``None`` keeps the
+            model's own pooling.
         strict: refuse unknown modules on the value path (``False`` leaves them and reports them).
     """
 
@@ -33,6 +39,7 @@ class BcosConfig:
     logit_bias: float | None = None
     maxpool_to_avgpool: bool = False
     gap_reorder: bool = False
+    token_pool: str | None = None
     strict: bool = True
 
     def __post_init__(self) -> None:
@@ -45,6 +52,8 @@ class BcosConfig:
                 setattr(self, name, _float_tuple(name, value))
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std}")
+        if self.token_pool not in TOKEN_POOLS:
+            raise ValueError(f"token_pool must be one of {TOKEN_POOLS}, got {self.token_pool!r}")
         if self.num_classes is not None and (int(self.num_classes) != self.num_classes or self.num_classes < 1):
             raise ValueError(f"num_classes must be a positive integer, got {self.num_classes}")
 

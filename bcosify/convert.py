@@ -62,7 +62,7 @@ def convert(model: nn.Module | str, *, b: float = 2.0, keep_bias: bool = False, 
         strict: refuse modules that cannot be converted exactly (else leave and report them).
         weights, model_kwargs, key_map: for a spec only; see :func:`build_model`.
         **options: the other fields of :class:`BcosConfig` (``normalize_weights``, ``logit_bias``,
-            ``maxpool_to_avgpool``, ``gap_reorder``).
+            ``maxpool_to_avgpool``, ``gap_reorder``, ``token_pool``).
 
     Returns:
         a :class:`BcosModel`; ``.report`` says what happened to every module.
@@ -100,6 +100,11 @@ def convert(model: nn.Module | str, *, b: float = 2.0, keep_bias: bool = False, 
         replace_classifier(network, info.classifier_path, config.num_classes)
         info = trace(network)
         num_classes_out = config.num_classes
+    if config.token_pool == "mean":
+        from .surgery.adapters import pool_patch_tokens
+
+        pool_patch_tokens(network)
+        info = trace(network)
     if config.gap_reorder:
         from .surgery.adapters import reorder_classifier_before_pooling
 

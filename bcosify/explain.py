@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -22,7 +24,8 @@ class Explanation:
         weights: ``W(x)``, shape of the encoded input ``(N, 2 * channels, H, W)``.
         encoded: the encoded input ``z = [x, 1 - x]``.
         contributions: ``(N, H, W)`` per-pixel contributions ``sum_c z * W`` to the target logit.
-        constant_contribution: ``(N,)`` contribution of constants added inside the network (0 for CNNs).
+        constant_contribution: ``(N,)`` contribution ``sum_p p * dlogit/dp`` of the constants added inside the
+            network (positional embeddings, class/register tokens; 0 for CNNs).
         logit_bias: the fixed logit bias (not explained by any pixel).
         completeness_error: ``(N,)`` relative error of ``sum(contributions) + constant == logit - logit_bias``.
         logit_maps: ``(N, classes, h, w)`` per-location logits (without the logit bias) when the model
@@ -98,6 +101,28 @@ def _logit_map_modules(model: BcosModel) -> list[nn.Module]:
     return [m.classifier for m in model.network.modules() if isinstance(m, ClassifierBeforePooling)]
 
 
+@contextlib.contextmanager
+def per_sample_constants(network: nn.Module, paths: list[str], batch: int) -> Iterator[list[torch.Tensor]]:
+    """Within this context the constant parameters at ``paths`` are replaced by per-sample copies (leaf
+    tensors of batch size ``batch`` requiring grad), so that one backward pass gives every sample's gradient."""
+    swapped = []
+    try:
+        for path in paths:
+            owner_path, _, name = path.rpartition(".")
+            owner = network.get_submodule(owner_path)
+            saved = dict(owner._parameters)
+            param = owner._parameters.pop(name)
+            copy = param.detach().expand(batch, *param.shape[1:]).clone().requires_grad_(True)
+            object.__setattr__(owner, name, copy)
+            swapped.append((owner, name, saved, copy))
+        yield [copy for *_, copy in swapped]
+    finally:
+        for owner, name, saved, _ in reversed(swapped):
+            owner.__dict__.pop(name, None)
+            owner._parameters.clear()
+            owner._parameters.update(saved)
+
+
 def _explain_batch(model: BcosModel, x: torch.Tensor, target) -> Explanation:
     """Explain one batch with one forward and one backward pass (``model`` already in eval mode)."""
     captured: list[torch.Tensor] = []
@@ -106,10 +131,11 @@ def _explain_batch(model: BcosModel, x: torch.Tensor, target) -> Explanation:
     try:
         with torch.enable_grad(), model.explanation_mode():
             z = model.encode(x).detach().requires_grad_(True)
-            raw_logits = model.network(z)  # without the logit bias, which would swamp tiny logits' precision
+            with per_sample_constants(model.network, model.constants, len(z)) as constants:
+                raw_logits = model.network(z)  # without the logit bias, which would swamp tiny logits' precision
             target = _resolve_target(target, raw_logits.detach())
             selected = raw_logits.gather(1, target[:, None])[:, 0]
-            (weights,) = torch.autograd.grad(selected.sum(), z)
+            weights, *constant_grads = torch.autograd.grad(selected.sum(), [z, *constants], allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
@@ -117,6 +143,9 @@ def _explain_batch(model: BcosModel, x: torch.Tensor, target) -> Explanation:
     contributions = (z * weights).sum(1)
     explained = selected.detach()
     constant = torch.zeros_like(explained)
+    for value, grad in zip(constants, constant_grads):
+        if grad is not None:
+            constant = constant + (value.detach() * grad).flatten(1).sum(1)
     total = contributions.flatten(1).sum(1) + constant
     error = (total - explained).abs() / explained.abs().clamp_min(torch.finfo(explained.dtype).tiny)
     logits = model.bias(raw_logits.detach())

@@ -49,7 +49,8 @@ class BcosModel(nn.Module):
 
     ``forward(x)`` takes images in ``[0, 1]`` with the original channel count and returns logits,
     the fixed ``logit_bias`` included. It is dynamic linear: in :meth:`explanation_mode`,
-    ``logits - logit_bias == W(z) . z`` with ``z = encode(x)``.
+    ``logits - logit_bias == W(z) . z + sum_p (dlogit/dp) . p`` with ``z = encode(x)`` and ``p`` the
+    :attr:`constants` (positional embeddings and class/register tokens of transformers; none for CNNs).
     """
 
     def __init__(self, network: nn.Module, options: BcosConfig, report: ConversionReport, *, in_chans: int,
@@ -68,6 +69,11 @@ class BcosModel(nn.Module):
     @property
     def logit_bias(self) -> float:
         return self.bias.value
+
+    @property
+    def constants(self) -> list[str]:
+        """Paths (in :attr:`network`) of the parameters the network adds as constants, from the report."""
+        return self.report.constants
 
     @property
     def b(self) -> float:

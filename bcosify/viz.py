@@ -220,11 +220,18 @@ def contribution_map(contributions: Explanation | torch.Tensor, *, percentile: f
 
 def row_titles(explanation: Explanation, class_names: Sequence[str] | None = None,
                labels: Sequence[str] | None = None) -> list[str]:
-    """One title per explained image: ``[label: ]class name (index) · logit``."""
+    """One title per explained image: ``[label: ]class name (index) · logit[ · constants share]``.
+
+    The share is the part of the explained logit that comes from constants added inside the network
+    (transformers' positional embeddings and tokens), not from any pixel.
+    """
     titles = []
     for i, k in enumerate(explanation.target.tolist()):
         name = class_names[k] if class_names is not None and k < len(class_names) else f"class {k}"
         title = f"{name} ({k}) · logit {explanation.target_logits[i].item():.4g}"
+        constant, explained = explanation.constant_contribution[i].item(), explanation.explained_logit[i].item()
+        if constant != 0 and explained != 0:
+            title += f" · constants {constant / explained:.0%}"
         if labels is not None:
             title = f"{labels[i]}: {title}"
         titles.append(title)

@@ -22,7 +22,7 @@ import bcosify  # noqa: E402
 from bcosify.checks import equivalence_error  # noqa: E402
 from bcosify.convert import build_model  # noqa: E402
 from families import FAMILIES  # noqa: E402
-from helpers import rescale_bcos_layers  # noqa: E402
+from helpers import randomise_zero_weights, rescale_bcos_layers  # noqa: E402
 
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 EQUIVALENCE_BOUND, COMPLETENESS_BOUND = 1e-5, 1e-6
@@ -30,7 +30,8 @@ EQUIVALENCE_BOUND, COMPLETENESS_BOUND = 1e-5, 1e-6
 
 def measure(family) -> tuple[float, float]:
     torch.manual_seed(0)
-    model = build_model(family.spec, weights=None, model_kwargs={"num_classes": 10, **family.kwargs}).double().eval()
+    model = randomise_zero_weights(
+        build_model(family.spec, weights=None, model_kwargs={"num_classes": 10, **family.kwargs}).double().eval())
     x = torch.rand(3, 3, family.size, family.size, dtype=torch.float64)
     equivalence = equivalence_error(model, x)
     bmodel = rescale_bcos_layers(bcosify.convert(model), torch.rand(4, 3, family.size, family.size,
@@ -44,8 +45,9 @@ def table() -> str:
             "|---|---|---|---|---|---|"]
     for family in FAMILIES:
         eq, comp = measure(family)
+        kwargs = f" ({family.kwargs_text})" if family.kwargs else ""
         ok = eq < EQUIVALENCE_BOUND and comp < COMPLETENESS_BOUND
-        rows.append(f"| {family.family} | {family.source} | `{family.name}` | {eq:.1e} | {comp:.1e} | "
+        rows.append(f"| {family.family} | {family.source} | `{family.name}`{kwargs} | {eq:.1e} | {comp:.1e} | "
                     f"{'exact' if ok else 'FAILS'} |")
         print(rows[-1], flush=True)
     return "\n".join(rows)

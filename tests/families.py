@@ -22,7 +22,11 @@ class Family:
 
     @property
     def id(self) -> str:
-        return self.spec
+        return self.spec + (f"[{self.kwargs_text}]" if self.kwargs else "")
+
+    @property
+    def kwargs_text(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.kwargs.items())
 
 
 FAMILIES = [
@@ -54,4 +58,16 @@ FAMILIES = [
     Family("MobileNetV3", "torchvision", "mobilenet_v3_small"),
     Family("ConvNeXt", "timm", "convnext_atto"),
     Family("ConvNeXt", "torchvision", "convnext_tiny"),
+    # vision transformers (small: 32 px, patch 8, 2 blocks)
+    Family("ViT (class token)", "timm", "vit_tiny_patch16_224", kwargs=dict(img_size=32, patch_size=8, depth=2)),
+    Family("ViT (no class token, 4 register tokens, average pooling)", "timm", "vit_tiny_patch16_224",
+           kwargs=dict(img_size=32, patch_size=8, depth=2, class_token=False, reg_tokens=4, global_pool="avg")),
+    Family("ViT (class token, layer scale, no pos. embedding on tokens)", "timm", "vit_tiny_patch16_224",
+           kwargs=dict(img_size=32, patch_size=8, depth=2, init_values=0.1, no_embed_class=True, reg_tokens=1)),
+    Family("DeiT", "timm", "deit_tiny_patch16_224", kwargs=dict(img_size=32, patch_size=8, depth=2)),
+    Family("DeiT distilled (class + distillation token)", "timm", "deit_tiny_distilled_patch16_224",
+           kwargs=dict(img_size=32, patch_size=8, depth=2)),
+    Family("ViT (nn.MultiheadAttention)", "torchvision", "vit_b_16", kwargs=dict(image_size=32)),
+    Family("Swin (shifted windows, relative position bias)", "timm", "swin_tiny_patch4_window7_224",
+           kwargs=dict(img_size=32, window_size=4, depths=(2, 2), num_heads=(2, 4), embed_dim=32)),
 ]

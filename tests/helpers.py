@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bcosify.nn import BcosConv2d, BcosLinear, DetachedGate
+from bcosify.nn import BcosConv2d, BcosLinear, DetachedGate, GatePath
 
 
 @torch.no_grad()
@@ -37,9 +37,22 @@ def rescale_bcos_layers(model: nn.Module, x: torch.Tensor) -> nn.Module:
 
 
 def value_path_modules(module: nn.Module, prefix: str = ""):
-    """``(path, module)`` for every module outside the gate branches of squeeze-excite gates."""
+    """``(path, module)`` for every module outside gate branches (squeeze-excite, attention logits)."""
     yield prefix, module
-    if isinstance(module, DetachedGate):
+    if isinstance(module, (DetachedGate, GatePath)):
         return
     for name, child in module.named_children():
         yield from value_path_modules(child, f"{prefix}.{name}" if prefix else name)
+
+
+@torch.no_grad()
+def randomise_zero_weights(model: nn.Module, std: float = 0.02) -> nn.Module:
+    """Give normal random values to weight tensors (2-d or more) that are initialised to all zeros.
+
+    torchvision's ViT starts with a zero classifier and a zero class token: every logit would be 0 and the
+    class token's contribution vacuous.
+    """
+    for param in model.parameters():
+        if param.dim() >= 2 and not bool(param.any()):
+            param.normal_(std=std)
+    return model

@@ -11,14 +11,15 @@ import bcosify
 from bcosify.checks import equivalence_error
 from bcosify.convert import build_model
 from families import FAMILIES, Family
-from helpers import rescale_bcos_layers, value_path_modules
+from helpers import randomise_zero_weights, rescale_bcos_layers, value_path_modules
 
 UNCONVERTED_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, timm.layers.BatchNormAct2d)
 
 
 def _original(family: Family) -> nn.Module:
     torch.manual_seed(0)
-    return build_model(family.spec, weights=None, model_kwargs={"num_classes": 10, **family.kwargs}).double().eval()
+    return randomise_zero_weights(
+        build_model(family.spec, weights=None, model_kwargs={"num_classes": 10, **family.kwargs}).double().eval())
 
 
 def _images(family: Family, n: int = 2) -> torch.Tensor:

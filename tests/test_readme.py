@@ -14,8 +14,9 @@ def test_support_table_matches_family_list():
     text = README.read_text()
     block = re.search(r"<!-- support-table:start -->(.*?)<!-- support-table:end -->", text, re.S).group(1)
     rows = [line.split("|")[1:-1] for line in block.strip().splitlines()[2:]]
-    listed = [(cells[1].strip(), cells[2].strip().strip("`")) for cells in rows]
-    assert listed == [(f.source, f.name) for f in FAMILIES], "run `make table` to regenerate the README table"
+    listed = [(cells[1].strip(), cells[2].strip()) for cells in rows]
+    expected = [(f.source, f"`{f.name}`" + (f" ({f.kwargs_text})" if f.kwargs else "")) for f in FAMILIES]
+    assert listed == expected, "run `make table` to regenerate the README table"
     assert all(cells[5].strip() == "exact" for cells in rows)
 
 

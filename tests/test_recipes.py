@@ -9,7 +9,7 @@ from bcosify.recipes import list_recipes, load_recipe
 
 def test_shipped_recipes_load():
     names = list_recipes()
-    assert {"fashion-mnist", "resnet-imagenet", "densenet-imagenet"} <= set(names)
+    assert {"fashion-mnist", "resnet-imagenet", "densenet-imagenet", "vit-imagenet"} <= set(names)
     for name in names:
         recipe = load_recipe(name)
         assert recipe.model.split(":")[0] in ("timm", "torchvision")

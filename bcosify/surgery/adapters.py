@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import timm.layers
+import timm.models.vision_transformer as timm_vit
 import torch
+import torchvision.models.vision_transformer as tv_vit
 from torch import nn
 
 from ..errors import ConversionError
+from ..nn import MeanPatchTokens
 from .engine import Trace
 from .rules import DESCEND, RULES, Rule
 
@@ -86,3 +91,21 @@ def reorder_classifier_before_pooling(model: nn.Module, info: Trace) -> None:
         model.set_submodule(path, nn.Identity())
     model.set_submodule(info.classifier_path, nn.Identity())
     model.set_submodule(pool_path, ClassifierBeforePooling(dropout, conv, model.get_submodule(pool_path)))
+
+
+def pool_patch_tokens(model: nn.Module) -> None:
+    """Classify the mean of the patch tokens instead of the class token (as B-cos ViTs do), in place.
+
+    timm ``VisionTransformer`` (average pooling over the non-prefix tokens) and torchvision
+    ``VisionTransformer`` (the encoder's output token 0 becomes the mean of the patch tokens).
+    """
+    if type(model) is timm_vit.VisionTransformer:
+        if model.attn_pool is not None:
+            raise ConversionError("token_pool='mean': the model pools with attention (global_pool='map')")
+        model.global_pool = "avg"
+        model.pool_include_prefix = False
+    elif type(model) is tv_vit.VisionTransformer:
+        model.encoder.ln = nn.Sequential(OrderedDict(norm=model.encoder.ln, pool=MeanPatchTokens(1)))
+    else:
+        raise ConversionError(f"token_pool='mean' applies to timm and torchvision VisionTransformer models, not "
+                              f"{type(model).__name__}")

@@ -11,8 +11,8 @@ from torch import nn
 
 from ..config import BcosConfig
 from ..errors import ConversionError
-from .report import GATED, KEPT, LEFT, REFUSED, REPLACED, UNUSED, ConversionReport
-from .rules import DESCEND, GATE, KEEP, RULES, Context
+from .report import CONSTANT, GATED, KEPT, LEFT, REFUSED, REPLACED, UNUSED, ConversionReport
+from .rules import DESCEND, GATE, KEEP, REFUSE, RULES, Context, Rule
 
 CLASSIFIER_TYPES = (nn.Linear, timm.layers.Linear)
 FIRST_LAYER_TYPES = (nn.Conv2d, timm.layers.Conv2dSame)
@@ -42,6 +42,18 @@ def _first_conv_in_chans(model: nn.Module) -> int:
     raise ConversionError(f"{type(model).__name__} has no Conv2d layer: only image models can be converted")
 
 
+def _input_sizes(model: nn.Module) -> list[int]:
+    """Square input sizes to try: the size a transformer was built for (timm ``patch_embed.img_size``,
+    torchvision ``image_size``) first, then :data:`TRACE_SIZES`."""
+    sizes = []
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and img_size[0] == img_size[1]:
+        sizes.append(int(img_size[0]))
+    if isinstance(getattr(model, "image_size", None), int):
+        sizes.append(model.image_size)
+    return sizes + [s for s in TRACE_SIZES if s not in sizes]
+
+
 def trace(model: nn.Module) -> Trace:
     """Run ``model`` once on a dummy image to find its executed modules, first layer and classifier."""
     in_chans = _first_conv_in_chans(model)
@@ -61,7 +73,7 @@ def trace(model: nn.Module) -> Trace:
     model.eval()
     try:
         error = None
-        for size in TRACE_SIZES:
+        for size in _input_sizes(model):
             executed.clear(), consumers.clear(), dummy_holder.clear()
             dummy = torch.rand(1, in_chans, size, size, dtype=param.dtype, device=param.device)
             dummy_holder.append(dummy)
@@ -137,6 +149,22 @@ def default_logit_bias(config: BcosConfig, num_classes: int) -> float:
     return -math.log(num_classes - 1)
 
 
+def _check_own_parameters(module: nn.Module, path: str, rule: Rule, report: ConversionReport, strict: bool) -> None:
+    """Report a container's declared constants; refuse its own parameters of unknown use."""
+    for name, param in module.named_parameters(recurse=False):
+        param_path = f"{path}.{name}" if path else name
+        if name in rule.scales:
+            continue
+        if name in rule.constants:
+            if param.dim() == 0 or param.shape[0] != 1:
+                raise ConversionError(f"{param_path}: a constant must have a leading dimension of 1 (it is "
+                                      f"broadcast over the batch), got shape {tuple(param.shape)}")
+            report.add(param_path, param, CONSTANT, note="added constant, explained as constant_contribution")
+        else:
+            report.add(param_path, param, REFUSED if strict else LEFT,
+                       note="a parameter the container's forward uses in an unknown way")
+
+
 def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace) -> ConversionReport:
     """Replace, in place, every module of ``model`` through the rule table; return the report.
 
@@ -164,6 +192,8 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace) -> 
             if rule is None:  # its own forward is unknown; its children are still converted (and listed)
                 report.add(path, module, REFUSED if config.strict else LEFT,
                            note="unknown type on the value path" + ("" if config.strict else "; left as is"))
+            else:
+                _check_own_parameters(module, path, rule, report, config.strict)
             for name, child in list(module.named_children()):
                 new_child = convert(child, f"{path}.{name}" if path else name)
                 if new_child is not child:
@@ -171,6 +201,10 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace) -> 
             new = module
         elif rule.action == KEEP:
             report.add(path, module, KEPT, note=rule.note)
+            new = module
+        elif rule.action == REFUSE:
+            report.add(path, module, REFUSED if config.strict else LEFT,
+                       note=rule.note + ("" if config.strict else "; left as is"))
             new = module
         else:
             ctx.path = path
@@ -189,7 +223,7 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace) -> 
         raise ConversionError(f"the top-level model type {type(model).__name__} must be a container rule")
     refused = report.refused
     if refused:
-        lines = "\n".join(f"  {e.path}: {e.old_type}" for e in refused)
+        lines = "\n".join(f"  {e.path}: {e.old_type}" + (f" ({e.note})" if e.note else "") for e in refused)
         raise ConversionError(
             f"{len(refused)} module(s) on the value path have no exact conversion:\n{lines}\n"
             "Pass strict=False to leave them as they are (the model is then not guaranteed to be dynamic "

@@ -12,6 +12,7 @@ GATED = "gated"
 REFUSED = "refused"
 LEFT = "left (strict=False)"
 UNUSED = "unused"
+CONSTANT = "constant"  # a parameter added to the value path as a constant (explained per sample)
 
 
 def type_name(obj: object) -> str:
@@ -35,7 +36,8 @@ class ConversionReport:
 
     entries: list[ReportEntry] = field(default_factory=list)
 
-    def add(self, path: str, old: nn.Module, action: str, new: nn.Module | None = None, note: str = "") -> None:
+    def add(self, path: str, old: nn.Module | nn.Parameter, action: str, new: nn.Module | None = None,
+            note: str = "") -> None:
         self.entries.append(ReportEntry(path or "<model>", type_name(old), action,
                                         type_name(new) if new is not None else "", note))
 
@@ -45,6 +47,11 @@ class ConversionReport:
     @property
     def refused(self) -> list[ReportEntry]:
         return self.by_action(REFUSED)
+
+    @property
+    def constants(self) -> list[str]:
+        """Paths of the parameters added to the value path as constants (positional embeddings, tokens)."""
+        return [e.path for e in self.by_action(CONSTANT)]
 
     @property
     def leftovers(self) -> list[ReportEntry]:

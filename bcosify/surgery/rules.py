@@ -15,6 +15,11 @@ import timm.layers
 import timm.layers.activations as timm_act
 import timm.models
 import timm.models._efficientnet_blocks as timm_eff_blocks
+import timm.models.beit as timm_beit
+import timm.models.deit as timm_deit
+import timm.models.eva as timm_eva
+import timm.models.swin_transformer as timm_swin
+import timm.models.vision_transformer as timm_vit
 import torch
 import torchvision.models as tvm
 import torchvision.models.convnext as tv_convnext
@@ -24,6 +29,8 @@ import torchvision.models.mobilenetv2 as tv_mobilenetv2
 import torchvision.models.mobilenetv3 as tv_mobilenetv3
 import torchvision.models.regnet as tv_regnet
 import torchvision.models.resnet as tv_resnet
+import torchvision.models.swin_transformer as tv_swin
+import torchvision.models.vision_transformer as tv_vit
 import torchvision.ops
 import torchvision.ops.misc as tv_misc
 from torch import nn
@@ -31,14 +38,16 @@ from torch import nn
 from ..config import BcosConfig
 from ..errors import ConversionError
 from ..nn import (BcosConv2d, BcosLinear, DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d,
-                  DetachedGate, UncenteredBatchNorm2d, gated, gelu_gate, gelu_tanh_gate, hardswish_gate, relu6_gate)
+                  DetachedGate, GatePath, MeanPatchTokens, SelfAttention, SplitQKV, UncenteredBatchNorm2d, gated,
+                  gelu_gate, gelu_tanh_gate, hardswish_gate, relu6_gate)
 from ..nn.act import quick_gelu_gate
-from .report import ConversionReport
+from .report import GATED, REPLACED, ConversionReport
 
 DESCEND = "descend"
 KEEP = "keep"
 REPLACE = "replace"
 GATE = "gate"
+REFUSE = "refuse"
 
 
 @dataclass
@@ -64,11 +73,18 @@ class Rule:
     (sums, concatenation, constant scales, reshapes); its children are converted one by one.
     ``keep``: left as is (linear or dynamic linear: ReLU, pooling, dropout, reshapes).
     ``replace``/``gate``: ``build(module, context)`` returns the replacement.
+    ``refuse``: a known type with no exact conversion; ``note`` says why.
+    ``constants``: for a container, its own parameters that its forward adds to the value path as constants
+    (positional embeddings, class/register tokens); explanations account for them per sample.
+    ``scales``: a container's own parameters that its forward multiplies the value path by (layer scale).
+    A container's own parameter declared in neither is refused.
     """
 
     action: str
     build: Builder | None = None
     note: str = ""
+    constants: tuple[str, ...] = ()
+    scales: tuple[str, ...] = ()
 
 
 # --- builders ---------------------------------------------------------------------------------------
@@ -124,9 +140,10 @@ def _norm_act(norm_type: type) -> Builder:
 
     def build(norm: nn.Module, ctx: Context) -> nn.Sequential:
         parts = OrderedDict(norm=norm_type.from_module(norm, keep_bias=ctx.config.keep_bias))
+        convert_child = ctx.convert_child  # (nested conversions move ctx on)
         for name in ("drop", "act"):
             if hasattr(norm, name):
-                parts[name] = ctx.convert_child(getattr(norm, name), name)
+                parts[name] = convert_child(getattr(norm, name), name)
         return nn.Sequential(parts)
 
     return build
@@ -186,6 +203,42 @@ def _torchvision_se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return se._scale(x)
 
 
+#: children of an attention module on the value path (converted); every other child is on the gate path
+_ATTENTION_VALUE_CHILDREN = ("proj", "norm", "attn_drop", "proj_drop")
+
+
+def _attention(attn: nn.Module, ctx: Context) -> nn.Module:
+    """timm ``Attention`` / Swin ``WindowAttention``: ``qkv`` split (q, k a gate; v B-cos), ``proj`` converted,
+    every other child (q/k norms, softmax, output gate) kept on the gate path."""
+    base, convert_child = ctx.path, ctx.convert_child  # (nested conversions move ctx on)
+    for name, child in list(attn.named_children()):
+        path = f"{base}.{name}"
+        if name == "qkv":
+            if type(child) not in (nn.Linear, timm.layers.Linear):
+                raise ConversionError(f"{path}: expected a Linear qkv projection, got {type(child).__name__}")
+            new = SplitQKV.split(child, lambda v: _bcos_linear(v, ctx))
+            ctx.report.add(path, child, REPLACED, new, "q, k kept (gate, detached in explanation mode); v B-cos")
+        elif name in _ATTENTION_VALUE_CHILDREN:
+            new = convert_child(child, name)
+        else:
+            new = GatePath(child)
+            ctx.report.add(path, child, GATED, new, "gate path (attention logits or output gate), kept")
+        setattr(attn, name, new)
+    return attn
+
+
+def _multihead_attention(mha: nn.MultiheadAttention, ctx: Context) -> SelfAttention:
+    """``nn.MultiheadAttention`` (self-attention) as :class:`SelfAttention` with a split ``qkv``."""
+    base = ctx.path
+    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+        raise ConversionError(f"{base} (MultiheadAttention): only self-attention with one in_proj, no bias_k/bias_v "
+                              "and no add_zero_attn can be converted")
+    qkv = SplitQKV.from_in_proj(mha.in_proj_weight.detach(), None if mha.in_proj_bias is None
+                                else mha.in_proj_bias.detach(), lambda v: _bcos_linear(v, ctx))
+    proj = ctx.convert_child(mha.out_proj, "out_proj")
+    return SelfAttention(qkv, proj, mha.num_heads, mha.batch_first, mha.dropout)
+
+
 # --- the table --------------------------------------------------------------------------------------
 
 _CONTAINERS = [
@@ -199,7 +252,7 @@ _CONTAINERS = [
     timm.models.efficientnet.EfficientNet, timm.models.mobilenetv3.MobileNetV3,
     timm_eff_blocks.DepthwiseSeparableConv, timm_eff_blocks.InvertedResidual, timm_eff_blocks.ConvBnAct,
     timm_eff_blocks.EdgeResidual,
-    timm.models.convnext.ConvNeXt, timm.models.convnext.ConvNeXtStage, timm.models.convnext.ConvNeXtBlock,
+    timm.models.convnext.ConvNeXt, timm.models.convnext.ConvNeXtStage,
     timm.layers.ClassifierHead, timm.layers.NormMlpClassifierHead, timm.layers.Mlp, timm.layers.ConvNormAct,
     # torchvision
     tv_resnet.ResNet, tv_resnet.BasicBlock, tv_resnet.Bottleneck, tvm.VGG,
@@ -209,7 +262,12 @@ _CONTAINERS = [
     tv_efficientnet.EfficientNet, tv_efficientnet.MBConv, tv_efficientnet.FusedMBConv,
     tv_mobilenetv2.MobileNetV2, tv_mobilenetv2.InvertedResidual,
     tv_mobilenetv3.MobileNetV3, tv_mobilenetv3.InvertedResidual,
-    tv_convnext.ConvNeXt, tv_convnext.CNBlock, tv_misc.Conv2dNormActivation,
+    tv_convnext.ConvNeXt, tv_misc.Conv2dNormActivation,
+    # transformers (the top-level ViTs are below, with their constants)
+    timm_vit.Block, timm_vit.ResPostBlock, timm.layers.PatchEmbed,
+    timm_swin.SwinTransformer, timm_swin.SwinTransformerStage, timm_swin.SwinTransformerBlock,
+    timm_swin.PatchMerging,
+    tv_vit.EncoderBlock, tv_vit.MLPBlock, torchvision.ops.MLP,
 ]
 
 _KEPT = [
@@ -217,11 +275,34 @@ _KEPT = [
     nn.AdaptiveMaxPool2d,
     timm.layers.SelectAdaptivePool2d, timm.layers.DropPath,
     torchvision.ops.StochasticDepth, tv_misc.Permute,
+    timm.layers.LayerScale, timm.layers.PatchDropout, MeanPatchTokens,
 ]
 
 RULES: dict[type, Rule] = {
     **{t: Rule(DESCEND) for t in _CONTAINERS},
     **{t: Rule(KEEP) for t in _KEPT},
+    # blocks with a layer scale of their own
+    timm.models.convnext.ConvNeXtBlock: Rule(DESCEND, scales=("gamma",)),
+    tv_convnext.CNBlock: Rule(DESCEND, scales=("layer_scale",)),
+    # vision transformers: containers that add constants (explained as constant_contribution)
+    timm_vit.VisionTransformer: Rule(DESCEND, constants=("cls_token", "reg_token", "pos_embed")),
+    timm_deit.VisionTransformerDistilled: Rule(DESCEND, constants=("cls_token", "reg_token", "dist_token",
+                                                                   "pos_embed")),
+    tv_vit.VisionTransformer: Rule(DESCEND, constants=("class_token",)),
+    tv_vit.Encoder: Rule(DESCEND, constants=("pos_embedding",)),
+    # attention: the attention matrix is a gate (q, k detached in explanation mode), v and proj B-cos
+    timm.layers.Attention: Rule(GATE, _attention, "attention matrix a gate; v, proj B-cos"),
+    timm_swin.WindowAttention: Rule(GATE, _attention, "attention matrix (relative position bias) a gate; v, "
+                                                      "proj B-cos"),
+    nn.MultiheadAttention: Rule(REPLACE, _multihead_attention, "self-attention; attention matrix a gate"),
+    nn.modules.linear.NonDynamicallyQuantizableLinear: Rule(REPLACE, _bcos_linear),
+    # known, and refused: their forwards read weights functionally or mix gate and value paths
+    timm_beit.Attention: Rule(REFUSE, note="reads its qkv weight functionally with separate q/v biases"),
+    timm_eva.EvaAttention: Rule(REFUSE, note="reads q/k/v weights functionally (rotary embedding, q/v biases)"),
+    timm.layers.AttentionPoolLatent: Rule(REFUSE, note="attention pooling with a learned query "
+                                                       "(use global_pool='token' or 'avg')"),
+    tv_swin.ShiftedWindowAttention: Rule(REFUSE, note="reads qkv/proj weights functionally (use timm's Swin)"),
+    tv_swin.ShiftedWindowAttentionV2: Rule(REFUSE, note="reads qkv/proj weights functionally (use timm's Swin)"),
     nn.MaxPool2d: Rule(REPLACE, _maxpool, "dynamic linear (selects an input)"),
     # convolutions and linear layers on the value path
     nn.Conv2d: Rule(REPLACE, _bcos_conv),
@@ -267,7 +348,7 @@ RULES: dict[type, Rule] = {
 def register_rule(module_type: type, rule: Rule) -> None:
     """Teach the engine a module type of your own (exact type), e.g. ``Rule("descend")`` for a block
     whose forward only composes its children linearly."""
-    if rule.action not in (DESCEND, KEEP, REPLACE, GATE):
+    if rule.action not in (DESCEND, KEEP, REPLACE, GATE, REFUSE):
         raise ValueError(f"unknown rule action {rule.action!r}")
     if rule.action in (REPLACE, GATE) and rule.build is None:
         raise ValueError(f"a {rule.action!r} rule needs a build function")

@@ -1,0 +1,118 @@
+"""Attention as a dynamic weight: the attention matrix is a gate, the values are on the value path.
+
+``softmax(q k^T) v`` is linear in ``v`` for a fixed attention matrix. In explanation mode the queries and keys
+(so the matrix) are detached; the value projection and the output projection are B-cos layers without bias.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import DetachableModule
+
+
+class GatePath(DetachableModule):
+    """A module on a gate path (queries, keys, attention logits): kept as it is, output detached in
+    explanation mode."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args, **kwargs):
+        out = self.module(*args, **kwargs)
+        return out.detach() if self.explanation_mode else out
+
+
+class SplitQKV(nn.Module):
+    """A fused ``qkv`` projection split in two: ``[q, k]`` from the original rows (biases kept; a gate) and
+    ``v`` from a value-path layer (a B-cos linear). The output layout is the fused one: ``[q, k, v]``."""
+
+    def __init__(self, qk: nn.Linear, v: nn.Module) -> None:
+        super().__init__()
+        self.qk = GatePath(qk)
+        self.v = v
+
+    @classmethod
+    def split(cls, qkv: nn.Linear, convert_value: Callable[[nn.Linear], nn.Module]) -> "SplitQKV":
+        """Split ``qkv`` (output rows ``[q; k; v]`` of equal size); ``convert_value`` turns the ``v`` rows (an
+        ``nn.Linear``) into the value-path layer."""
+        out = qkv.out_features
+        if out % 3:
+            raise ValueError(f"a fused qkv projection needs 3 equal parts, got {out} outputs")
+        qk, v = (_rows(qkv, 0, 2 * out // 3), _rows(qkv, 2 * out // 3, out))
+        return cls(qk, convert_value(v))
+
+    @classmethod
+    def from_in_proj(cls, weight: torch.Tensor, bias: torch.Tensor | None,
+                     convert_value: Callable[[nn.Linear], nn.Module]) -> "SplitQKV":
+        """From ``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias``."""
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                           dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+        return cls.split(linear, convert_value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.qk(x), self.v(x)], dim=-1)
+
+
+def _rows(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
+    part = nn.Linear(linear.in_features, stop - start, bias=linear.bias is not None, device=linear.weight.device,
+                     dtype=linear.weight.dtype)
+    with torch.no_grad():
+        part.weight.copy_(linear.weight[start:stop])
+        if linear.bias is not None:
+            part.bias.copy_(linear.bias[start:stop])
+    return part
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention ``proj(softmax(q k^T / sqrt(d)) v)`` with the call signature of
+    ``nn.MultiheadAttention`` (self-attention only: ``query is key is value``)."""
+
+    def __init__(self, qkv: SplitQKV, proj: nn.Module, num_heads: int, batch_first: bool = True,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.qkv = qkv
+        self.proj = proj
+        self.num_heads = num_heads
+        self.batch_first = batch_first
+        self.dropout = dropout
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = False,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, None]:
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise ValueError("the converted attention supports self-attention only (query is key is value)")
+        if need_weights or key_padding_mask is not None:
+            raise ValueError("the converted attention returns no attention weights and takes no key_padding_mask")
+        x = query if self.batch_first else query.transpose(0, 1)
+        n, tokens, _ = x.shape
+        q, k, v = self.qkv(x).reshape(n, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = self.proj(out.transpose(1, 2).reshape(n, tokens, -1))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+class MeanPatchTokens(nn.Module):
+    """``(N, T, D)`` tokens -> ``(N, 1, D)``: the mean over the tokens after the first ``num_prefix_tokens``
+    (class/register tokens), for a head that reads token 0."""
+
+    def __init__(self, num_prefix_tokens: int = 1) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.num_prefix_tokens:].mean(1, keepdim=True)
+
+    def extra_repr(self) -> str:
+        return f"num_prefix_tokens={self.num_prefix_tokens}"
