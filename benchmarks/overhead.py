@@ -2,8 +2,9 @@
 
 The original and the converted model (``bcosify.convert(model)``, b=2) are measured **alternately in one
 process** (A B B A A B ...), so that load from other processes on a shared machine hits both alike; every
-ratio is the ratio of the two medians. The paired per-repetition ratios are printed too (min / max), as an
-honest measure of the noise.
+ratio is the ratio of the two medians. Printed too, as an honest measure of the noise: the paired
+per-repetition ratios (min - max), the ratio of the fastest repetitions (min/min) and the ratio of the
+median process CPU times (cpu-time).
 
     python benchmarks/overhead.py                       # torchvision ResNet-50, batch 8, 224 px, 2 CPU threads
     python benchmarks/overhead.py --device cuda         # on a GPU (peak memory from torch.cuda)
@@ -54,12 +55,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device) -> float:
+def _timed(fn, device: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call."""
     _sync(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _forward_fn(model, x):
@@ -83,14 +85,20 @@ def _alternate(name: str, fns: dict, device: torch.device, warmup: int, repeats:
     keys = ["original", "bcos"]
     for i in range(warmup):
         for key in (keys if i % 2 == 0 else keys[::-1]):
-            t = _timed(fns[key], device)
+            t, _ = _timed(fns[key], device)
             if verbose:
                 print(f"  [{name}] warm-up {i} {key}: {t * 1e3:.0f} ms", flush=True)
     times = {key: [] for key in keys}
+    cpu = {key: [] for key in keys}
     for i in range(repeats):
         for key in (keys if i % 2 == 0 else keys[::-1]):
-            times[key].append(_timed(fns[key], device))
+            t, c = _timed(fns[key], device)
+            times[key].append(t)
+            cpu[key].append(c)
+            if verbose:
+                print(f"  [{name}] {i} {key}: {t * 1e3:.0f} ms (cpu {c * 1e3:.0f} ms)", flush=True)
     med = {key: statistics.median(v) for key, v in times.items()}
+    med_cpu = {key: statistics.median(v) for key, v in cpu.items()}
     paired = [b / o for o, b in zip(times["original"], times["bcos"])]
     return {
         "original_ms": med["original"] * 1e3,
@@ -98,6 +106,8 @@ def _alternate(name: str, fns: dict, device: torch.device, warmup: int, repeats:
         "ratio": med["bcos"] / med["original"],
         "paired_ratio_min": min(paired),
         "paired_ratio_max": max(paired),
+        "cpu_ratio": med_cpu["bcos"] / med_cpu["original"] if med_cpu["original"] > 0 else None,
+        "min_ratio": min(times["bcos"]) / min(times["original"]),
         "original_all_ms": [t * 1e3 for t in times["original"]],
         "bcos_all_ms": [t * 1e3 for t in times["bcos"]],
     }
@@ -135,13 +145,20 @@ def _peak_train_memory(step, params, device: torch.device) -> int:
     return peak
 
 
-def _conversion_time(spec: str, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        model = build_model(spec, weights=None)
-        start = time.perf_counter()
-        bcosify.convert(model)
-        times.append(time.perf_counter() - start)
+def _conversion_time(spec: str, repeats: int = 3, threads: int | None = None) -> float:
+    """Median seconds of ``bcosify.convert`` on a freshly built model (optionally with ``threads`` threads)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        times = []
+        for _ in range(repeats):
+            model = build_model(spec, weights=None)
+            start = time.perf_counter()
+            bcosify.convert(model)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
     return statistics.median(times)
 
 
@@ -204,7 +221,9 @@ def main(argv=None) -> dict:
         r = _alternate(name, fns, device, args.warmup, args.repeats, args.verbose)
         results["timings"][name] = r
         print(f"{name:<18} original {r['original_ms']:8.1f} ms   bcos {r['bcos_ms']:8.1f} ms   ratio {r['ratio']:.3f}"
-              f"   (paired {r['paired_ratio_min']:.3f}-{r['paired_ratio_max']:.3f})", flush=True)
+              f"   (paired {r['paired_ratio_min']:.3f}-{r['paired_ratio_max']:.3f}; min/min {r['min_ratio']:.3f};"
+              f" cpu-time {r['cpu_ratio']:.3f})",
+              flush=True)
 
     if want("forward"):
         for m in models.values():
@@ -239,8 +258,14 @@ def main(argv=None) -> dict:
     if not args.no_conversion:
         seconds = _conversion_time(args.model)
         results["conversion_s"] = seconds
-        print(f"{'conversion time':<18} {seconds:.3f} s (bcosify.convert on a freshly built {args.model}, median of 3)",
-              flush=True)
+        line = f"{'conversion time':<18} {seconds:.3f} s"
+        if device.type == "cpu" and torch.get_num_threads() > 1:
+            # convert() runs one small forward pass and many small copies: on a busy machine each of those ops
+            # can wait for a descheduled OpenMP thread, so the single-threaded time is printed as well
+            single = _conversion_time(args.model, threads=1)
+            results["conversion_s_1_thread"] = single
+            line += f" ({torch.get_num_threads()} threads), {single:.3f} s (1 thread)"
+        print(f"{line}   (bcosify.convert on a freshly built {args.model}, median of 3)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -1,1 +1,16 @@
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threading only adds wake-up latency (15 ms per op on small CI boxes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

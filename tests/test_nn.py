@@ -27,12 +27,8 @@ B_VALUES = (1.0, 1.5, 2.0, 2.5)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threading only adds wake-up latency (15 ms per op on small CI boxes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _single_thread(one_thread):
+    """Every test here uses tiny tensors."""
 
 
 def _pair(v):

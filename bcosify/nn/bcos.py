@@ -17,30 +17,115 @@ from .base import DetachableModule
 DEFAULT_EPS = 1e-6
 
 
+def _compiling() -> bool:
+    """True while torch.compile (or torch.export) traces: the layers then use plain differentiable ops,
+    which Inductor fuses itself and which export to ONNX as the composite formula."""
+    return torch.compiler.is_compiling()
+
+
+def _channel_sum(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Sum an ``(N, C, ...)`` tensor over the channels of each group: ``(N, groups, ...)``."""
+    return t if t.shape[1] == groups else t.unflatten(1, (groups, -1)).sum(2)
+
+
+def _channel_sq_sum(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Sum of ``x ** 2`` over the channels of each group, shape ``(N, groups, H, W)``."""
+    return _channel_sum(x * x, groups)
+
+
+def _grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(N, C, ...)`` viewed as ``(N, groups, C // groups, ...)`` (unchanged for ``groups == 1``)."""
+    return t if groups == 1 else t.unflatten(1, (groups, t.shape[1] // groups))
+
+
+def _per_group(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """A per-group ``(N, groups, ...)`` tensor shaped to broadcast against :func:`_grouped` tensors."""
+    return t if groups == 1 else t.unsqueeze(2)
+
+
+def _scaled(lin: torch.Tensor, r: torch.Tensor, b: float, groups: int) -> torch.Tensor:
+    """``lin * (|lin| r)^(b-1)`` in a new tensor (with the dtype and layout of the composite formula).
+
+    ``r = 1 / sqrt(sq + eps)``. Every path (no-grad, autograd, explanation mode, compiled) computes
+    ``|lin| * r`` first, so they round alike.
+    """
+    out = torch.empty_like(lin, dtype=torch.promote_types(lin.dtype, r.dtype))
+    lin_g, out_g = _grouped(lin, groups), _grouped(out, groups)
+    torch.mul(lin_g, _per_group(r, groups), out=out_g).abs_()  # (= |lin| * r bitwise: r > 0)
+    if b != 2:
+        out_g.pow_(b - 1)
+    out_g.mul_(lin_g)
+    return out
+
+
+def _inv_norm(sq: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 / sqrt(sq + eps)``: the reciprocal patch norms (small tensors)."""
+    return (sq + eps).rsqrt()
+
+
 class _BcosScale(torch.autograd.Function):
-    """``lin * (|lin| / sqrt(sq + eps))^(b-1)`` with a backward that is finite at ``lin == 0``."""
+    """``lin * (|lin| / sqrt(sq + eps))^(b-1)`` with a backward that is finite at ``lin == 0``.
+
+    ``sq`` holds one squared patch norm per group of channels: ``(N, groups, ...)`` for an
+    ``(N, C, ...)`` ``lin`` (or, for ``groups == 1``, any shape broadcastable to ``lin``).
+    The backward needs ``lin`` or the output: both are kept until a consumer that saves the output itself
+    (``UncenteredBatchNorm2d`` in training) drops ``lin`` with :func:`release_saved_input`.
+    """
 
     @staticmethod
-    def forward(ctx, lin: torch.Tensor, sq: torch.Tensor, b: float, eps: float) -> torch.Tensor:
-        norm = (sq + eps).sqrt()
-        scale = lin.abs() / norm if b == 2 else (lin.abs() / norm).pow(b - 1)
-        ctx.save_for_backward(lin, norm)
-        ctx.b = b
-        ctx.sq_shape = sq.shape
-        return lin * scale
+    def forward(ctx, lin: torch.Tensor, sq: torch.Tensor, b: float, eps: float, groups: int = 1) -> torch.Tensor:
+        r = _inv_norm(sq, eps)
+        out = _scaled(lin, r, b, groups)
+        ctx.save_for_backward(out)
+        ctx.bcos_lin = lin
+        ctx.r = r
+        ctx.b, ctx.groups, ctx.sq_shape = b, groups, sq.shape
+        return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        lin, norm = ctx.saved_tensors
-        b = ctx.b
-        scale = lin.abs() / norm if b == 2 else (lin.abs() / norm).pow(b - 1)
-        grad_scaled = grad * scale
-        grad_lin = grad_scaled * b if ctx.needs_input_grad[0] else None
+        b, groups = ctx.b, ctx.groups
+        r = _per_group(ctx.r, groups)
+        grad_g = _grouped(grad, groups)
+        lin = ctx.bcos_lin
+        if lin is not None:
+            # d out / d lin = b (|lin| r)^(b-1)
+            lin_g = _grouped(lin, groups)
+            a = torch.mul(lin_g, r).abs_()
+            if b != 2:
+                a.pow_(b - 1)
+            a.mul_(grad_g)
+            dot = (lin_g * a) if ctx.needs_input_grad[1] else None  # = grad * out
+            a.mul_(b)
+        else:
+            (out,) = ctx.saved_tensors
+            out_g = _grouped(out, groups)
+            # |lin| r = (|out| r)^(1/b), so d out / d lin = b (|out| r)^((b-1)/b)
+            a = torch.mul(out_g, r).abs_()
+            a.sqrt_() if b == 2 else a.pow_((b - 1) / b)
+            a.mul_(grad_g).mul_(b)
+            dot = (grad_g * out_g) if ctx.needs_input_grad[1] else None
         grad_sq = None
-        if ctx.needs_input_grad[1]:
-            # d out / d norm = -(b - 1) out / norm ; d norm / d sq = 1 / (2 norm)
-            grad_sq = (grad_scaled * lin * (-(b - 1) / 2) / (norm * norm)).sum_to_size(ctx.sq_shape)
-        return grad_lin, grad_sq, None, None
+        if dot is not None:
+            # d out / d sq = -(b - 1) / 2 * out / (sq + eps)
+            if groups > 1:
+                s = _channel_sum(dot.flatten(1, 2), groups)
+            elif dot.dim() == 4 and ctx.sq_shape[1:2] == (1,):
+                s = _channel_sum(dot, 1)
+            else:
+                s = dot
+            grad_sq = (s * (ctx.r * ctx.r * (-(b - 1) / 2))).sum_to_size(ctx.sq_shape)
+        grad_lin = a.reshape(grad.shape) if ctx.needs_input_grad[0] else None
+        return grad_lin, grad_sq, None, None, None
+
+
+def release_saved_input(out: torch.Tensor) -> None:
+    """Called by a consumer of ``out`` that saves ``out`` for its own backward (with autograd's version check):
+    if ``out`` comes straight from a B-cos factor, that node's backward then uses ``out`` and frees ``lin``."""
+    node = out.grad_fn
+    if node is not None and getattr(node, "bcos_lin", None) is not None:
+        node.bcos_lin = None
 
 
 def bcos_scale(lin: torch.Tensor, sq: torch.Tensor, b: float, eps: float, detach: bool) -> torch.Tensor:
@@ -48,14 +133,23 @@ def bcos_scale(lin: torch.Tensor, sq: torch.Tensor, b: float, eps: float, detach
 
     With ``detach`` the factor is treated as a constant (explanation mode).
     """
+    return _bcos_scale(lin, sq, b, eps, detach)
+
+
+def _bcos_scale(lin: torch.Tensor, sq: torch.Tensor, b: float, eps: float, detach: bool,
+                groups: int = 1) -> torch.Tensor:
+    """:func:`bcos_scale`; with ``groups > 1`` ``sq`` holds one norm per group of channels (dim 1)."""
     if b == 1:
         return lin
-    needs_grad = torch.is_grad_enabled() and (lin.requires_grad or sq.requires_grad)
-    if detach or not needs_grad:  # plain ops: the backward (if any) treats the factor as a constant
-        norm = (sq + eps).sqrt()
-        scale = lin.abs() / norm if b == 2 else (lin.abs() / norm).pow(b - 1)
-        return lin * scale.detach()
-    return _BcosScale.apply(lin, sq, b, eps)
+    if detach or _compiling():
+        lin_g = _grouped(lin, groups)
+        scale = lin_g.abs() * _per_group(_inv_norm(sq, eps), groups)
+        if b != 2:
+            scale = scale.pow(b - 1)
+        return (lin_g * (scale.detach() if detach else scale)).reshape(lin.shape)
+    if torch.is_grad_enabled() and (lin.requires_grad or sq.requires_grad):
+        return _BcosScale.apply(lin, sq, b, eps, groups)
+    return _scaled(lin, _inv_norm(sq, eps), b, groups)
 
 
 def _check_b(b: float) -> float:
@@ -77,14 +171,13 @@ def conv_patch_sq_norms(
 
     Zero padding contributes nothing, so a padded patch's norm covers only its real pixels.
     """
-    n, c, h, w = x.shape
-    sq = x * x
-    if groups == 1:
-        sq = sq.sum(1, keepdim=True)
-    else:
-        sq = sq.view(n, groups, c // groups, h, w).sum(2)
     if kernel_size == (1, 1) and padding == (0, 0):
-        return sq[:, :, :: stride[0], :: stride[1]]
+        if stride == (1, 1):
+            return _channel_sq_sum(x, groups)
+        if _compiling():  # the full-resolution sum is shared (CSE) with a stride-1 conv on the same input
+            return _channel_sq_sum(x, groups)[:, :, :: stride[0], :: stride[1]]
+        return _channel_sq_sum(x[:, :, :: stride[0], :: stride[1]], groups)  # only the pixels the conv reads
+    sq = _channel_sq_sum(x, groups)
     if dilation == (1, 1) and all(p <= k // 2 for p, k in zip(padding, kernel_size)):
         area = kernel_size[0] * kernel_size[1]  # (not divisor_override: ONNX AveragePool lacks it)
         return F.avg_pool2d(sq, kernel_size, stride, padding, ceil_mode=False, count_include_pad=True) * area
@@ -152,18 +245,13 @@ class BcosConv2d(nn.Conv2d, DetachableModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.same_padding:
             x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
-        lin = F.conv2d(x, self.effective_weight(), None, self.stride, self.padding, self.dilation, self.groups)
+        out = F.conv2d(x, self.effective_weight(), None, self.stride, self.padding, self.dilation, self.groups)
         if self.b != 1:
             sq = conv_patch_sq_norms(x, self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
-            if self.groups == 1:
-                lin = bcos_scale(lin, sq, self.b, self.eps, self.explanation_mode)
-            else:
-                n, _, h, w = lin.shape
-                grouped = lin.view(n, self.groups, -1, h, w)
-                lin = bcos_scale(grouped, sq.unsqueeze(2), self.b, self.eps, self.explanation_mode).view(n, -1, h, w)
+            out = _bcos_scale(out, sq, self.b, self.eps, self.explanation_mode, self.groups)
         if self.bias is not None:
-            lin = lin + self.bias.view(1, -1, 1, 1)
-        return lin
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
 
     def extra_repr(self) -> str:
         extra = f", b={self.b:g}"
@@ -215,7 +303,7 @@ class BcosLinear(nn.Linear, DetachableModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lin = F.linear(x, self.effective_weight())
         if self.b != 1:
-            lin = bcos_scale(lin, (x * x).sum(-1, keepdim=True), self.b, self.eps, self.explanation_mode)
+            lin = _bcos_scale(lin, (x * x).sum(-1, keepdim=True), self.b, self.eps, self.explanation_mode)
         if self.bias is not None:
             lin = lin + self.bias
         return lin
