@@ -105,22 +105,24 @@ def _logit_map_modules(model: BcosModel) -> list[nn.Module]:
 def per_sample_constants(network: nn.Module, paths: list[str], batch: int) -> Iterator[list[torch.Tensor]]:
     """Within this context the constant parameters at ``paths`` are replaced by per-sample copies (leaf
     tensors of batch size ``batch`` requiring grad), so that one backward pass gives every sample's gradient."""
-    swapped = []
+    saved: dict[nn.Module, dict] = {}  # each owner's parameters before the swap (their order included)
+    copies = []
     try:
         for path in paths:
             owner_path, _, name = path.rpartition(".")
             owner = network.get_submodule(owner_path)
-            saved = dict(owner._parameters)
+            saved.setdefault(owner, dict(owner._parameters))
             param = owner._parameters.pop(name)
             copy = param.detach().expand(batch, *param.shape[1:]).clone().requires_grad_(True)
-            object.__setattr__(owner, name, copy)
-            swapped.append((owner, name, saved, copy))
-        yield [copy for *_, copy in swapped]
+            object.__setattr__(owner, name, copy)  # a plain attribute, found before nn.Module.__getattr__
+            copies.append(copy)
+        yield copies
     finally:
-        for owner, name, saved, _ in reversed(swapped):
-            owner.__dict__.pop(name, None)
+        for owner, parameters in saved.items():
+            for name in parameters.keys() - owner._parameters.keys():
+                owner.__dict__.pop(name, None)
             owner._parameters.clear()
-            owner._parameters.update(saved)
+            owner._parameters.update(parameters)
 
 
 def _explain_batch(model: BcosModel, x: torch.Tensor, target) -> Explanation:

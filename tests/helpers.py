@@ -56,3 +56,15 @@ def randomise_zero_weights(model: nn.Module, std: float = 0.02) -> nn.Module:
         if param.dim() >= 2 and not bool(param.any()):
             param.normal_(std=std)
     return model
+
+
+def assert_batch_matches_single(model, x: torch.Tensor, target: torch.Tensor, fields: tuple[str, ...],
+                                rtol: float = 1e-12, atol: float = 1e-14) -> None:
+    """``explain`` on the batch gives, for every image and each of ``fields``, what it gives on that image alone."""
+    import bcosify
+
+    batched = bcosify.explain(model, x, target)
+    for i in range(len(x)):
+        single = bcosify.explain(model, x[i:i + 1], int(target[i]))
+        for name in fields:
+            torch.testing.assert_close(getattr(batched, name)[i], getattr(single, name)[0], rtol=rtol, atol=atol)

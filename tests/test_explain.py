@@ -7,7 +7,7 @@ import timm
 import torch
 
 import bcosify
-from helpers import rescale_bcos_layers
+from helpers import assert_batch_matches_single, rescale_bcos_layers
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +36,7 @@ def test_shapes_and_completeness(model, x):
 
 
 def test_batch_equals_per_image(model, x):
-    target = torch.tensor([0, 5, 2, 2, 1])
-    batched = bcosify.explain(model, x, target)
-    for i in range(len(x)):
-        single = bcosify.explain(model, x[i:i + 1], int(target[i]))
-        torch.testing.assert_close(batched.weights[i], single.weights[0], rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(batched.logits[i], single.logits[0], rtol=1e-12, atol=1e-14)
+    assert_batch_matches_single(model, x, torch.tensor([0, 5, 2, 2, 1]), ("weights", "logits"))
 
 
 def test_target_forms(model, x):
@@ -124,12 +119,7 @@ def test_logit_maps_of_a_gap_reordered_model(reordered):
 def test_logit_maps_batch_equals_per_image(reordered):
     torch.manual_seed(4)
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64)
-    target = torch.tensor([4, 0])
-    batched = bcosify.explain(reordered, x, target)
-    for i in range(len(x)):
-        single = bcosify.explain(reordered, x[i:i + 1], int(target[i]))
-        torch.testing.assert_close(batched.logit_maps[i], single.logit_maps[0], rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(batched.weights[i], single.weights[0], rtol=1e-12, atol=1e-14)
+    assert_batch_matches_single(reordered, x, torch.tensor([4, 0]), ("logit_maps", "weights"))
 
 
 def test_no_logit_maps_without_gap_reorder(model, x):

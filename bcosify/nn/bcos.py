@@ -128,17 +128,13 @@ def release_saved_input(out: torch.Tensor) -> None:
         node.bcos_lin = None
 
 
-def bcos_scale(lin: torch.Tensor, sq: torch.Tensor, b: float, eps: float, detach: bool) -> torch.Tensor:
-    """Apply the B-cos factor to ``lin`` given squared patch norms ``sq`` (broadcastable to ``lin``).
+def bcos_scale(lin: torch.Tensor, sq: torch.Tensor, b: float, eps: float, detach: bool,
+               groups: int = 1) -> torch.Tensor:
+    """``lin * (|lin| / sqrt(sq + eps))^(b-1)``, finite gradients everywhere.
 
-    With ``detach`` the factor is treated as a constant (explanation mode).
+    With ``detach`` the factor is treated as a constant (explanation mode). With ``groups > 1``, ``sq`` holds
+    one squared norm per group of channels (dim 1).
     """
-    return _bcos_scale(lin, sq, b, eps, detach)
-
-
-def _bcos_scale(lin: torch.Tensor, sq: torch.Tensor, b: float, eps: float, detach: bool,
-                groups: int = 1) -> torch.Tensor:
-    """:func:`bcos_scale`; with ``groups > 1`` ``sq`` holds one norm per group of channels (dim 1)."""
     if b == 1:
         return lin
     if detach or _compiling():
@@ -248,7 +244,7 @@ class BcosConv2d(nn.Conv2d, DetachableModule):
         out = F.conv2d(x, self.effective_weight(), None, self.stride, self.padding, self.dilation, self.groups)
         if self.b != 1:
             sq = conv_patch_sq_norms(x, self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
-            out = _bcos_scale(out, sq, self.b, self.eps, self.explanation_mode, self.groups)
+            out = bcos_scale(out, sq, self.b, self.eps, self.explanation_mode, self.groups)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out
@@ -303,7 +299,7 @@ class BcosLinear(nn.Linear, DetachableModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lin = F.linear(x, self.effective_weight())
         if self.b != 1:
-            lin = _bcos_scale(lin, (x * x).sum(-1, keepdim=True), self.b, self.eps, self.explanation_mode)
+            lin = bcos_scale(lin, (x * x).sum(-1, keepdim=True), self.b, self.eps, self.explanation_mode)
         if self.bias is not None:
             lin = lin + self.bias
         return lin
