@@ -19,19 +19,11 @@ def _photos(size: int = 224):
     except ImportError:
         raise BcosifyError("the demo needs scikit-image: pip install scikit-image") from None
     import torch
-    import torch.nn.functional as F
+
+    from .viz import preprocess
 
     names = ["chelsea", "coffee", "astronaut", "rocket"]
-    batch = []
-    for name in names:
-        image = torch.from_numpy(getattr(data, name)()[..., :3].copy()).permute(2, 0, 1).float() / 255
-        h, w = image.shape[1:]
-        scale = round(size / 0.875) / min(h, w)
-        image = F.interpolate(image[None], size=(round(h * scale), round(w * scale)), mode="bilinear",
-                              antialias=True, align_corners=False)[0]
-        top, left = (image.shape[1] - size) // 2, (image.shape[2] - size) // 2
-        batch.append(image[:, top:top + size, left:left + size].clamp(0, 1))
-    return names, torch.stack(batch)
+    return names, torch.stack([preprocess(getattr(data, name)(), size) for name in names])
 
 
 def _imagenet_categories() -> list[str]:
@@ -283,10 +275,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def _folder_labels(classes: list[str], bmodel) -> list[int]:
     """Model class index of each ImageFolder class folder name."""
+    index = {name: i for i, name in enumerate(_class_names(bmodel) or [])}
     if all(c.isdigit() for c in classes):
         labels = [int(c) for c in classes]
-    elif _class_names(bmodel) and all(c in _class_names(bmodel) for c in classes):
-        labels = [_class_names(bmodel).index(c) for c in classes]
+    elif index and all(c in index for c in classes):
+        labels = [index[c] for c in classes]
     elif len(classes) == bmodel.num_classes:
         labels = list(range(len(classes)))
     else:

@@ -99,7 +99,7 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     completeness = explanation.completeness_error.max().item()
     classes = list(test.dataset.classes)
     bcosify.save(bmodel, out / "model", class_names=classes)
-    shown = bcosify.explain(bmodel, x[:8])
+    shown = explanation[:8]
     pictures = [viz.save_explanation_grid(out / "explanations.png", x[:8], shown, class_names=classes,
                                           labels=[f"true {classes[int(t)]}" for t in y[:8]])]
 

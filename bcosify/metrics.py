@@ -19,6 +19,7 @@ from torch import nn
 
 from .explain import explain
 from .model import BcosModel
+from .surgery.engine import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "POSTHOC_METHODS",
@@ -40,8 +41,6 @@ Attribution = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(images (B, C, H, W) in [0, 1], targets (B,)) -> attribution maps (B, h, w)``."""
 
 POSTHOC_METHODS = ("ixg", "gradcam", "ig")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _METHOD_NAMES = {"bcos": "B-cos contributions", "ixg": "input x gradient", "gradcam": "Grad-CAM",
                  "ig": "integrated gradients"}
 
@@ -390,8 +389,8 @@ def run_gridpg(images: torch.Tensor, labels: torch.Tensor, n: int, *, bcos_model
         raise ValueError("the 'bcos' method needs a bcos_model")
     if any(m in POSTHOC_METHODS for m in methods) and original is None:
         raise ValueError("post-hoc methods need the original (unconverted) model")
-    mean = tuple(bcos_model.options.mean) if bcos_model is not None and bcos_model.options.mean else IMAGENET_MEAN
-    std = tuple(bcos_model.options.std) if bcos_model is not None and bcos_model.options.std else IMAGENET_STD
+    mean = tuple(bcos_model.options.mean) if bcos_model is not None else IMAGENET_MEAN
+    std = tuple(bcos_model.options.std) if bcos_model is not None else IMAGENET_STD
     labels = _check_labels(images, labels)
     grid_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -407,6 +406,7 @@ def run_gridpg(images: torch.Tensor, labels: torch.Tensor, n: int, *, bcos_model
         from tqdm import tqdm
 
         iterator = tqdm(methods, desc="GridPG", unit="method")
+    wrapped = _Normalised(original, mean, std) if original is not None else None
     for method in iterator:
         if method == "bcos":
             bcos_model.eval()
@@ -414,7 +414,6 @@ def run_gridpg(images: torch.Tensor, labels: torch.Tensor, n: int, *, bcos_model
             attribute = bcos_attribution(bcos_model)
         else:
             original.eval()
-            wrapped = _Normalised(original, mean, std)
             grids, classes = grids_for("original", wrapped)
             attribute = posthoc_attribution(original, method, mean=mean, std=std, steps=ig_steps,
                                             layer=gradcam_layer, internal_batch_size=4 * n * n)

@@ -226,10 +226,12 @@ def row_titles(explanation: Explanation, class_names: Sequence[str] | None = Non
     (transformers' positional embeddings and tokens), not from any pixel.
     """
     titles = []
+    logits = explanation.target_logits.tolist()
+    constants, explained_logits = explanation.constant_contribution.tolist(), explanation.explained_logit.tolist()
     for i, k in enumerate(explanation.target.tolist()):
         name = class_names[k] if class_names is not None and k < len(class_names) else f"class {k}"
-        title = f"{name} ({k}) · logit {explanation.target_logits[i].item():.4g}"
-        constant, explained = explanation.constant_contribution[i].item(), explanation.explained_logit[i].item()
+        title = f"{name} ({k}) · logit {logits[i]:.4g}"
+        constant, explained = constants[i], explained_logits[i]
         if constant != 0 and explained != 0:
             title += f" · constants {constant / explained:.0%}"
         if labels is not None:

@@ -38,38 +38,27 @@ class SplitQKV(nn.Module):
         self.v = v
 
     @classmethod
-    def split(cls, qkv: nn.Linear, convert_value: Callable[[nn.Linear], nn.Module]) -> "SplitQKV":
-        """Split ``qkv`` (output rows ``[q; k; v]`` of equal size); ``convert_value`` turns the ``v`` rows (an
-        ``nn.Linear``) into the value-path layer."""
-        out = qkv.out_features
-        if out % 3:
-            raise ValueError(f"a fused qkv projection needs 3 equal parts, got {out} outputs")
-        qk, v = (_rows(qkv, 0, 2 * out // 3), _rows(qkv, 2 * out // 3, out))
-        return cls(qk, convert_value(v))
-
-    @classmethod
-    def from_in_proj(cls, weight: torch.Tensor, bias: torch.Tensor | None,
+    def from_weights(cls, weight: torch.Tensor, bias: torch.Tensor | None,
                      convert_value: Callable[[nn.Linear], nn.Module]) -> "SplitQKV":
-        """From ``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias``."""
-        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                           dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias)
-        return cls.split(linear, convert_value)
+        """Split a fused projection's ``weight``/``bias`` (rows ``[q; k; v]`` of equal size, as in a ``qkv``
+        linear or ``nn.MultiheadAttention``'s ``in_proj``); ``convert_value`` turns the ``v`` rows (an
+        ``nn.Linear``) into the value-path layer."""
+        rows = weight.shape[0]
+        if rows % 3:
+            raise ValueError(f"a fused qkv projection needs 3 equal parts, got {rows} outputs")
+        return cls(_linear(weight, bias, 0, 2 * rows // 3), convert_value(_linear(weight, bias, 2 * rows // 3, rows)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.qk(x), self.v(x)], dim=-1)
 
 
-def _rows(linear: nn.Linear, start: int, stop: int) -> nn.Linear:
-    part = nn.Linear(linear.in_features, stop - start, bias=linear.bias is not None, device=linear.weight.device,
-                     dtype=linear.weight.dtype)
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, start: int, stop: int) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of rows ``start:stop`` of ``weight`` and ``bias``."""
+    part = nn.Linear(weight.shape[1], stop - start, bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
-        part.weight.copy_(linear.weight[start:stop])
-        if linear.bias is not None:
-            part.bias.copy_(linear.bias[start:stop])
+        part.weight.copy_(weight[start:stop])
+        if bias is not None:
+            part.bias.copy_(bias[start:stop])
     return part
 
 

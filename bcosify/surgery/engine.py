@@ -17,6 +17,8 @@ from .rules import DESCEND, GATE, KEEP, REFUSE, RULES, Context, Rule
 CLASSIFIER_TYPES = (nn.Linear, timm.layers.Linear)
 FIRST_LAYER_TYPES = (nn.Conv2d, timm.layers.Conv2dSame)
 TRACE_SIZES = (64, 224)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's input normalisation
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -121,7 +123,7 @@ def resolve_normalisation(model: nn.Module, config: BcosConfig, in_chans: int) -
         if cfg.get("mean") is not None and cfg.get("std") is not None:
             mean, std, source = tuple(cfg["mean"]), tuple(cfg["std"]), "timm pretrained_cfg"
         elif type(model).__module__.startswith("torchvision.models"):
-            mean, std, source = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "torchvision (ImageNet)"
+            mean, std, source = IMAGENET_MEAN, IMAGENET_STD, "torchvision (ImageNet)"
         else:
             raise ConversionError(
                 f"the input normalisation of {type(model).__name__} is unknown: pass mean=... and std=... "

@@ -216,7 +216,7 @@ def _attention(attn: nn.Module, ctx: Context) -> nn.Module:
         if name == "qkv":
             if type(child) not in (nn.Linear, timm.layers.Linear):
                 raise ConversionError(f"{path}: expected a Linear qkv projection, got {type(child).__name__}")
-            new = SplitQKV.split(child, lambda v: _bcos_linear(v, ctx))
+            new = SplitQKV.from_weights(child.weight, child.bias, lambda v: _bcos_linear(v, ctx))
             ctx.report.add(path, child, REPLACED, new, "q, k kept (gate, detached in explanation mode); v B-cos")
         elif name in _ATTENTION_VALUE_CHILDREN:
             new = convert_child(child, name)
@@ -233,8 +233,7 @@ def _multihead_attention(mha: nn.MultiheadAttention, ctx: Context) -> SelfAttent
     if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
         raise ConversionError(f"{base} (MultiheadAttention): only self-attention with one in_proj, no bias_k/bias_v "
                               "and no add_zero_attn can be converted")
-    qkv = SplitQKV.from_in_proj(mha.in_proj_weight.detach(), None if mha.in_proj_bias is None
-                                else mha.in_proj_bias.detach(), lambda v: _bcos_linear(v, ctx))
+    qkv = SplitQKV.from_weights(mha.in_proj_weight, mha.in_proj_bias, lambda v: _bcos_linear(v, ctx))
     proj = ctx.convert_child(mha.out_proj, "out_proj")
     return SelfAttention(qkv, proj, mha.num_heads, mha.batch_first, mha.dropout)
 
