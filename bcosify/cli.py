@@ -249,21 +249,20 @@ def cmd_explain(args: argparse.Namespace) -> int:
               file=sys.stderr) as bar:
         for number, paths in enumerate(pages, 1):
             x = torch.stack([load_image(p, args.size, channels=bmodel.in_chans) for p in paths])
-            if args.target is not None:
-                targets = torch.full((len(x), 1), args.target)
-            else:
+            targets = args.target  # an int, or None: explain the predicted class
+            if k > 1:  # the top-k classes need the logits first
                 with torch.no_grad():
                     targets = torch.cat([bmodel(x[i:i + args.batch_size]) for i in range(0, len(x), args.batch_size)]
-                                        ).topk(k, dim=1).indices
+                                        ).topk(k, dim=1).indices.flatten()
             rows_x = x.repeat_interleave(k, 0)
-            e = bcosify.explain(bmodel, rows_x, targets.flatten(), batch_size=args.batch_size)
+            e = bcosify.explain(bmodel, rows_x, targets, batch_size=args.batch_size)
             labels = [p.name for p in paths for _ in range(k)]
-            for title in row_titles(e, names, labels)[::k]:
+            titles = row_titles(e, names, labels)
+            for title in titles[::k]:
                 print(title)
             tiny = max(tiny, e.explained_logit.abs().max().item())
             name = "explanations.png" if len(pages) == 1 else f"explanations-{number:03d}.png"
-            written.append(save_explanation_grid(args.out / name, rows_x, e, class_names=names, labels=labels,
-                                                  colors=args.colors))
+            written.append(save_explanation_grid(args.out / name, rows_x, e, titles=titles, colors=args.colors))
             bar.update(len(paths))
     if tiny < 1e-20:
         print(f"note: the explained logits are tiny (|logit| <= {tiny:.1e}); a freshly converted pretrained model "
