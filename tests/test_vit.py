@@ -299,3 +299,10 @@ def test_timm_vit_variants(variant):
     assert bmodel.report.leftovers == []
     e = bcosify.explain(bmodel, _images())
     assert e.completeness_error.max() < 1e-6
+
+
+def test_split_qkv_needs_three_equal_parts():
+    with pytest.raises(ValueError, match="3 equal parts"):
+        SplitQKV.from_weights(torch.randn(5, 4), None, lambda v: v)
+    qkv = SplitQKV.from_weights(torch.randn(6, 4), torch.randn(6), lambda v: v)
+    assert qkv.qk.module.out_features == 4 and qkv.v.out_features == 2
