@@ -6,30 +6,9 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 from typing import Callable, Sequence
 
 from .errors import BcosifyError
-
-
-def _photos(size: int = 224):
-    """scikit-image's sample photos as a ``[0, 1]`` batch (short side resized, centre-cropped)."""
-    try:
-        from skimage import data
-    except ImportError:
-        raise BcosifyError("the demo needs scikit-image: pip install scikit-image") from None
-    import torch
-
-    from .viz import preprocess
-
-    names = ["chelsea", "coffee", "astronaut", "rocket"]
-    return names, torch.stack([preprocess(getattr(data, name)(), size) for name in names])
-
-
-def _imagenet_categories() -> list[str]:
-    from torchvision.models import ResNet50_Weights
-
-    return ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
 
 
 def _configure_demo(p: argparse.ArgumentParser) -> None:
@@ -44,54 +23,17 @@ def _configure_demo(p: argparse.ArgumentParser) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Train a ResNet-18 on Fashion-MNIST, B-cosify it in one call, fine-tune, evaluate, explain, export."""
+    from .demo import run_demo, run_lite0_demo
+
     if args.lite0:
-        return _demo_lite0()
-    from .demo import run_demo
-
-    run_demo(args.out, args.recipe, cache_dir=args.cache_dir, epochs=args.epochs, limit=args.limit)
-    return 0
-
-
-def _demo_lite0() -> int:
-    """Convert the real ImageNet EfficientNet-Lite0 in one call and show that the conversion is exact."""
-    import torch
-
-    import bcosify
-    from bcosify.checkpoints import efficientnet_lite0_checkpoint_path
-    from bcosify.convert import build_model
-
-    path = efficientnet_lite0_checkpoint_path()
-    names, x = _photos()
-    categories = _imagenet_categories()
-    original = build_model("timm:efficientnet_lite0", weights=path, key_map="positional").eval()
-    start = time.perf_counter()
-    exact = bcosify.convert(original, b=1, keep_bias=True)
-    seconds = time.perf_counter() - start
-    bmodel = bcosify.convert(original)  # b=2, biases removed: the model you would fine-tune
-    print(f"Converted timm efficientnet_lite0 (real ImageNet weights) in {seconds:.2f} s")
-    print(f"  {exact.report.counts()}")
-    mean = torch.tensor(exact.options.mean).view(1, -1, 1, 1)
-    std = torch.tensor(exact.options.std).view(1, -1, 1, 1)
-    with torch.no_grad():
-        reference = original((x - mean) / std).softmax(1)
-        converted = exact(x).softmax(1)
-    print("\nTop-1 of the original vs the converted model (b=1, biases kept):")
-    for i, name in enumerate(names):
-        p, k = reference[i].max(0)
-        q, j = converted[i].max(0)
-        same = "same top-5" if torch.equal(reference[i].topk(5).indices, converted[i].topk(5).indices) else "DIFFERENT"
-        print(f"  {name:10s} {categories[k]:>22s} {p:.3f} | {categories[j]:>22s} {q:.3f}  ({same})")
-    e = bcosify.explain(bmodel.double(), x.double())
-    print("\nCompleteness of the b=2 model without biases (float64): sum of pixel contributions vs logit")
-    for i, name in enumerate(names):
-        print(f"  {name:10s} logit {e.explained_logit[i].item():+.6e}  sum {e.contributions[i].sum().item():+.6e}"
-              f"  relative error {e.completeness_error[i].item():.1e}")
-    print("\nNext: fine-tune with bcosify.finetune to recover accuracy at b=2.")
+        run_lite0_demo()
+    else:
+        run_demo(args.out, args.recipe, cache_dir=args.cache_dir, epochs=args.epochs, limit=args.limit)
     return 0
 
 
 def _configure_convert(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="timm:NAME or torchvision:NAME")
+    p.add_argument("spec", help="timm:NAME, hf-hub:ORG/NAME or torchvision:NAME")
     p.add_argument("--out", required=True, type=pathlib.Path, help="folder to save the converted model in")
     p.add_argument("--weights", default="hub",
                    help="checkpoint file (.safetensors/.pth), 'hub' for the pretrained weights, 'none' for random")
@@ -99,8 +41,8 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=int, help="replace the classifier with one of this many classes")
     p.add_argument("--b", type=float, default=2.0, help="alignment exponent (default 2)")
     p.add_argument("--keep-bias", action="store_true", help="keep biases (with --b 1: the original function)")
-    p.add_argument("--mean", type=float, nargs="+", help="input normalisation mean (default: model metadata)")
-    p.add_argument("--std", type=float, nargs="+", help="input normalisation std (default: model metadata)")
+    p.add_argument("--mean", type=float, nargs="+", help="input normalization mean (default: model metadata)")
+    p.add_argument("--std", type=float, nargs="+", help="input normalization std (default: model metadata)")
     p.add_argument("--normalize-weights", action="store_true", help="unit-norm weight rows (B-cos v2)")
     p.add_argument("--maxpool-to-avgpool", action="store_true", help="replace max pooling by average pooling")
     p.add_argument("--gap-reorder", action="store_true", help="classifier as 1x1 conv before global pooling")
@@ -132,23 +74,23 @@ def _configure_info(p: argparse.ArgumentParser) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Show a saved model's config and conversion report."""
-    from .saving import read_config
+    from .export import read_config
     from .surgery.report import ConversionReport
 
-    config = read_config(args.folder)
+    saved = read_config(args.folder)
     if args.json:
-        print(json.dumps(config, indent=2))
+        print(json.dumps(saved, indent=2))
         return 0
-    source = config["source"]
-    print(f"source:       {source.get('spec') or source.get('class')}  {source.get('model_kwargs') or ''}")
-    print(f"format:       {config['format_version']} (bcosify {config.get('bcosify_version', '?')})")
+    config = saved["config"]
+    print(f"source:       {config.get('spec') or config.get('model_class')}  {config.get('model_kwargs') or ''}")
+    print(f"format:       {saved['format_version']} (bcosify {saved.get('bcosify_version') or '?'})")
     print(f"input:        {config['in_chans']} channels in [0, 1]; classes: {config['num_classes']}; "
           f"logit bias {config['logit_bias']:.6g}")
-    for key, value in config["options"].items():
+    for key, value in config.items():
         print(f"  {key:20s}{value}")
-    if config.get("report"):
+    if saved.get("report"):
         print()
-        print(ConversionReport.from_dict(config["report"]).table())
+        print(ConversionReport.from_dict(saved["report"]).table())
     return 0
 
 
@@ -172,7 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a saved model folder (bcosify convert / bcosify.save) or a spec timm:NAME / "
-                                 "torchvision:NAME, converted on the fly")
+                                 "hf-hub:ORG/NAME / torchvision:NAME, converted on the fly")
     p.add_argument("--weights", help="for a spec: checkpoint file, 'hub' (default) or 'none' for random weights")
     p.add_argument("--key-map", choices=["positional"], help="for a spec: match checkpoint tensors by order")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="for a spec: JSON constructor arguments")
@@ -185,7 +127,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 def _model_from_args(args: argparse.Namespace):
     """``(BcosModel, original model or None)`` from a saved folder or a spec plus conversion options."""
     import bcosify
-    from bcosify.convert import build_model
+    from bcosify.weights import build_model
 
     spec_only = [flag for flag, given in (("--weights", args.weights is not None), ("--key-map", args.key_map),
                                           ("--model-kwargs", args.model_kwargs), ("--keep-bias", args.keep_bias),
@@ -204,9 +146,11 @@ def _model_from_args(args: argparse.Namespace):
 
 
 def _class_names(bmodel) -> list[str] | None:
+    from .data import imagenet_categories
+
     if bmodel.class_names:
         return list(bmodel.class_names)
-    return _imagenet_categories() if bmodel.num_classes == 1000 else None
+    return imagenet_categories() if bmodel.num_classes == 1000 else None
 
 
 def _configure_explain(p: argparse.ArgumentParser) -> None:
@@ -218,7 +162,7 @@ def _configure_explain(p: argparse.ArgumentParser) -> None:
     which.add_argument("--topk", type=int, help="explain each image's N highest-scoring classes (one row each)")
     p.add_argument("--rows", type=int, default=8, help="rows per PNG grid (default 8)")
     p.add_argument("--batch-size", type=int, default=16, help="images explained at once (default 16)")
-    p.add_argument("--colors", type=int, help="write palette PNGs with this many colours (2-256): smaller files")
+    p.add_argument("--colors", type=int, help="write palette PNGs with this many colors (2-256): smaller files")
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -227,7 +171,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import bcosify
-    from bcosify.viz import load_image, row_titles, save_explanation_grid
+    from bcosify.data import load_image
+    from bcosify.explanation.viz import row_titles, save_explanation_grid
 
     for flag, value in (("--rows", args.rows), ("--batch-size", args.batch_size), ("--size", args.size),
                         ("--topk", args.topk if args.topk is not None else 1)):
@@ -312,8 +257,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
     from torchvision.datasets import ImageFolder
 
-    from bcosify.metrics import POSTHOC_METHODS, run_gridpg
-    from bcosify.viz import load_image
+    from bcosify.data import load_image
+    from bcosify.explanation.gridpg import POSTHOC_METHODS, run_gridpg
 
     for flag, value in (("--gridpg", args.gridpg), ("--per-class", args.per_class), ("--ig-steps", args.ig_steps),
                         ("--size", args.size), ("--grids", args.grids or 1)):

@@ -1,26 +1,66 @@
-"""The conversion options, as one dataclass that round-trips through JSON."""
+"""The conversion config: the options of :func:`bcosify.convert` and, once converted, every value derived from
+the model, as one dataclass that round-trips through JSON."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
-
 TOKEN_POOLS = (None, "mean")
+#: fields filled in by :func:`bcosify.convert` (a user may leave them unset)
+RESOLVED_FIELDS = ("mean", "std", "logit_bias", "num_classes", "in_chans", "spec", "model_kwargs", "model_class",
+                   "normalization_from")
+
+
+class Options:
+    """What every config dataclass offers: its option names, checked copies, and a JSON round trip."""
+
+    KIND = "config"  # how error messages name the options ("conversion", "finetune")
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def _check_names(cls, names, error: type[Exception]) -> None:
+        unknown = sorted(set(names) - set(cls.option_names()))
+        if unknown:
+            raise error(f"unknown {cls.KIND} options {unknown}; known: {cls.option_names()}")
+
+    def replace(self, **changes: Any):
+        """A copy with ``changes`` applied (unknown names raise ``TypeError``)."""
+        self._check_names(changes, TypeError)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as JSON-serialisable values (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        """The config from :meth:`to_dict`'s output (unknown names raise ``ValueError``)."""
+        cls._check_names(data, ValueError)
+        return cls(**data)
 
 
 @dataclass
-class BcosConfig:
-    """Every option of :func:`bcosify.convert`.
+class BcosConfig(Options):
+    """Every option of :func:`bcosify.convert`, and what conversion derives from the model.
+
+    Build one and pass it (``convert(model, config=BcosConfig(b=2))``), or pass the same names as keywords.
+    After conversion ``bmodel.config`` holds the resolved config: ``load`` rebuilds a model from it alone.
 
     Attributes:
         b: alignment exponent of every B-cos layer (1 = the plain layer).
         keep_bias: keep biases on the value path (and fold BatchNorm centring into them);
             with ``b=1`` the converted model computes the original function.
         normalize_weights: unit-norm weight rows (B-cos v2) instead of the pretrained ``w``.
-        mean, std: per-channel input normalisation of the original model, folded into the first layer.
-        num_classes: replace the classifier with a fresh one of this many classes.
+        mean, std: per-channel input normalization of the original model, folded into the first layer
+            (default: from the model's metadata).
+        num_classes: number of output classes; a value other than the model's replaces its classifier with a
+            fresh one of this size.
         logit_bias: fixed value added to every logit; ``None`` means ``-log(C - 1)``, or 0 with ``keep_bias``.
         maxpool_to_avgpool: replace max pooling by average pooling (paper recipe option).
         gap_reorder: apply the classifier as a 1x1 conv before global average pooling.
@@ -28,6 +68,13 @@ class BcosConfig:
             transformers, as B-cos ViTs do; changes the function, so fine-tune after); ``None`` keeps the
             model's own pooling.
         strict: refuse unknown modules on the value path (``False`` leaves them and reports them).
+        class_names: optional names of the output classes.
+        in_chans: input color channels (resolved from the model).
+        spec, model_kwargs: the ``timm:NAME`` / ``hf-hub:ORG/NAME`` / ``torchvision:NAME`` spec and constructor
+            arguments that rebuild the original architecture (resolved for specs and timm instances; ``None``
+            for custom models).
+        model_class: ``module.QualName`` of the original model (resolved).
+        normalization_from: where ``mean``/``std`` came from (resolved).
     """
 
     b: float = 2.0
@@ -41,6 +88,14 @@ class BcosConfig:
     gap_reorder: bool = False
     token_pool: str | None = None
     strict: bool = True
+    class_names: tuple[str, ...] | None = None
+    in_chans: int | None = None
+    spec: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_class: str | None = None
+    normalization_from: str | None = None
+
+    KIND = "conversion"
 
     def __post_init__(self) -> None:
         self.b = float(self.b)
@@ -54,26 +109,19 @@ class BcosConfig:
             raise ValueError(f"std must be positive, got {self.std}")
         if self.token_pool not in TOKEN_POOLS:
             raise ValueError(f"token_pool must be one of {TOKEN_POOLS}, got {self.token_pool!r}")
-        if self.num_classes is not None and (int(self.num_classes) != self.num_classes or self.num_classes < 1):
-            raise ValueError(f"num_classes must be a positive integer, got {self.num_classes}")
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for name in ("mean", "std"):
-            if data[name] is not None:
-                data[name] = list(data[name])
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BcosConfig":
-        unknown = sorted(set(data) - set(cls.option_names()))
-        if unknown:
-            raise ValueError(f"unknown conversion options {unknown}; known: {cls.option_names()}")
-        return cls(**data)
+        for name in ("num_classes", "in_chans"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if self.logit_bias is not None:
+            self.logit_bias = float(self.logit_bias)
+            if not math.isfinite(self.logit_bias):
+                raise ValueError(f"logit_bias must be finite, got {self.logit_bias}")
+        if self.class_names is not None:
+            self.class_names = tuple(str(c) for c in self.class_names)
+            if self.num_classes is not None and len(self.class_names) != self.num_classes:
+                raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
+        self.model_kwargs = dict(self.model_kwargs or {})
 
 
 def _float_tuple(name: str, value: Sequence[float] | float) -> tuple[float, ...]:

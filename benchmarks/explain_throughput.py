@@ -19,7 +19,7 @@ import torch
 import torchvision
 
 import bcosify
-from bcosify import viz
+from bcosify.explanation import viz
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def _parse(argv=None) -> argparse.Namespace:
 def _run(model: bcosify.BcosModel, x: torch.Tensor, pictures: bool) -> torch.Tensor:
     e = bcosify.explain(model, x)
     if pictures:
-        viz.colour_explanation(e), viz.contribution_map(e)
+        viz.color_explanation(e), viz.contribution_map(e)
     return e.contributions
 
 

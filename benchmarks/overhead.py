@@ -47,7 +47,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import bcosify  # noqa: E402
-from bcosify.convert import build_model  # noqa: E402
+from bcosify.data import normalize  # noqa: E402
+from bcosify.weights import build_model  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -188,10 +189,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     original = build_model(args.model, weights=None).to(device)
     bmodel = bcosify.convert(original, b=args.b).to(device)
-    mean = torch.tensor(bmodel.config["options"]["mean"], device=device).view(1, -1, 1, 1)
-    std = torch.tensor(bmodel.config["options"]["std"], device=device).view(1, -1, 1, 1)
     x = torch.rand(args.batch, bmodel.in_chans, args.size, args.size, device=device)
-    x_norm = (x - mean) / std
+    x_norm = normalize(x, bmodel.config.mean, bmodel.config.std)
     y = torch.randint(0, bmodel.num_classes, (args.batch,), device=device)
     if args.channels_last:
         original = original.to(memory_format=torch.channels_last)

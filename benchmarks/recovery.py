@@ -20,36 +20,12 @@ import sys
 import time
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 import bcosify
-from bcosify.convert import build_model
-from bcosify.data import fashion_mnist
-from bcosify.demo import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-from bcosify.training import evaluate, resolve_device
-
-
-def train_original(model: nn.Module, train: DataLoader, test: DataLoader, epochs: int, lr: float,
-                   device: torch.device) -> list[float]:
-    mean = torch.tensor(FASHION_MNIST_MEAN, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(FASHION_MNIST_STD, device=device).view(1, -1, 1, 1)
-    model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(train))
-    accuracies = []
-    for epoch in range(epochs):
-        model.train()
-        for x, y in train:
-            x, y = x.to(device), y.to(device)
-            loss = nn.functional.cross_entropy(model((x - mean) / std), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        accuracies.append(evaluate(model, test, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, device=str(device)))
-        print(f"  original epoch {epoch + 1}: {accuracies[-1]:.4f}", flush=True)
-    return accuracies
+from bcosify.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist
+from bcosify.training import resolve_device, train_original
+from bcosify.weights import build_model
 
 
 def train_bcos(name: str, bmodel, train: DataLoader, test: DataLoader, epochs: int, **options) -> list[float]:
@@ -104,7 +80,11 @@ def main() -> None:
     original = build_model("timm:resnet18", weights=None, model_kwargs=kwargs)
     init = copy.deepcopy(original)
     print(f"device {device}; {len(train_set)} training images; {args.epochs} epochs per run", flush=True)
-    results = {"original": train_original(original, loader(0), test, args.epochs, args.lr_original, device)}
+    accuracies = train_original(original, loader(0), mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, epochs=args.epochs,
+                                lr=args.lr_original, schedule="cosine", device=str(device), val=test, progress=False)
+    for epoch, accuracy in enumerate(accuracies, 1):
+        print(f"  original epoch {epoch}: {accuracy:.4f}", flush=True)
+    results = {"original": accuracies}
     norm = dict(mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD)
     common = dict(lr=args.lr_bcos, loss="bce", schedule="cosine", agc_clip=0.01, device=str(device), amp=args.amp)
     results["fixed"] = train_bcos("fixed", bcosify.convert(original.eval(), **norm), loader(1), test, args.epochs,

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from bcosify.nn import BcosConv2d, BcosLinear, DetachedGate, GatePath
+from bcosify.utils import eval_mode
 
 
 @torch.no_grad()
@@ -25,15 +26,14 @@ def rescale_bcos_layers(model: nn.Module, x: torch.Tensor) -> nn.Module:
         layer.weight.mul_(c)
         return out * c.pow(layer.b)
 
-    was_training = model.training
-    model.eval()
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (BcosConv2d, BcosLinear))]
     try:
-        model(x)
+        with eval_mode(model):
+            model(x)
     finally:
         for h in handles:
             h.remove()
-    return model.train(was_training)
+    return model
 
 
 def value_path_modules(module: nn.Module, prefix: str = ""):

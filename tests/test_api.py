@@ -14,11 +14,11 @@ from torch import nn
 
 import bcosify
 from bcosify import BcosModel, ConversionError
-from bcosify.checks import equivalence_error
-from bcosify.convert import build_model
+from bcosify.explanation.checks import equivalence_error
 from bcosify.nn import BcosConv2d, BcosLinear, DetachableModule
+from bcosify.nn import ClassifierBeforePooling
 from bcosify.surgery import Rule, register_rule
-from bcosify.surgery.adapters import ClassifierBeforePooling
+from bcosify.weights import build_model
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,8 @@ def test_converted_model_contract(bresnet):
     assert torch.equal(bresnet(x), bresnet.forward_encoded(bresnet.encode(x)))
     z = bresnet.encode(x)
     assert torch.equal(z, torch.cat([x, 1 - x], 1))
-    json.dumps(bresnet.config)  # JSON-serialisable
-    assert bresnet.config["options"]["b"] == 2.0 and bresnet.config["num_classes"] == 5
+    json.dumps(bresnet.config.to_dict())  # JSON-serialisable
+    assert bresnet.config.b == 2.0 and bresnet.config.num_classes == 5
 
 
 def test_converting_twice_is_refused(bresnet):
@@ -110,7 +110,7 @@ def test_spec_with_local_weights_file(tmp_path, resnet):
     reference = bcosify.convert(resnet, b=1, keep_bias=True)
     x = images()
     torch.testing.assert_close(bmodel(x), reference(x))
-    assert bmodel.config["source"]["spec"] == "timm:resnet18"
+    assert bmodel.config.spec == "timm:resnet18"
     with pytest.raises(TypeError, match="model specs only"):
         bcosify.convert(resnet, weights=path)
 
@@ -189,12 +189,12 @@ def test_input_transformed_before_first_layer_is_refused():
 
 def test_normalisation_sources():
     tv = torchvision.models.resnet18(num_classes=3)
-    assert bcosify.convert(tv).source["normalisation_from"] == "torchvision (ImageNet)"
+    assert bcosify.convert(tv).config.normalization_from == "torchvision (ImageNet)"
     vit_cfg = timm.create_model("resnet18", pretrained=False, num_classes=3)
     vit_cfg.pretrained_cfg = {**vit_cfg.pretrained_cfg, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
     bmodel = bcosify.convert(vit_cfg)
-    assert bmodel.options.mean == (0.5, 0.5, 0.5)
-    assert bcosify.convert(vit_cfg, mean=(0.1, 0.2, 0.3), std=(1, 2, 3)).options.std == (1.0, 2.0, 3.0)
+    assert bmodel.config.mean == (0.5, 0.5, 0.5)
+    assert bcosify.convert(vit_cfg, mean=(0.1, 0.2, 0.3), std=(1, 2, 3)).config.std == (1.0, 2.0, 3.0)
 
 
 def test_grey_model_with_single_channel_normalisation():
@@ -202,7 +202,7 @@ def test_grey_model_with_single_channel_normalisation():
     model = timm.create_model("resnet18", pretrained=False, num_classes=4, in_chans=1).double().eval()
     assert equivalence_error(model, images(c=1, dtype=torch.float64), mean=0.3, std=0.2) < 1e-10
     bmodel = bcosify.convert(model, mean=0.3, std=0.2)
-    assert bmodel.in_chans == 1 and bmodel.options.mean == (0.3,)
+    assert bmodel.in_chans == 1 and bmodel.config.mean == (0.3,)
     assert bmodel.network.conv1.in_channels == 2
 
 
@@ -211,7 +211,7 @@ def test_set_b_reaches_every_layer():
     bmodel.set_b(1.5)
     layers = [m for m in bmodel.modules() if isinstance(m, (BcosConv2d, BcosLinear))]
     assert layers and all(m.b == 1.5 for m in layers)
-    assert bmodel.config["options"]["b"] == 1.5 and bmodel.b == 1.5
+    assert bmodel.config.b == 1.5 and bmodel.b == 1.5
     with pytest.raises(ValueError, match="b must be"):
         bmodel.set_b(0.9)
     with pytest.raises(ValueError, match="b must be"):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import bcosify
-from bcosify.checkpoints import efficientnet_lite0_checkpoint_path
+from bcosify.demo import efficientnet_lite0_checkpoint_path
 
 
 def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -34,12 +34,12 @@ def converted(tmp_path_factory):
 
 def test_convert_then_info(converted):
     config = json.loads((converted / "config.json").read_text())
-    assert config["options"]["b"] == 1.5 and config["num_classes"] == 3
-    assert config["source"]["model_kwargs"] == {"drop_rate": 0.1}
+    assert config["config"]["b"] == 1.5 and config["config"]["num_classes"] == 3
+    assert config["config"]["model_kwargs"] == {"drop_rate": 0.1}
     info = run("info", str(converted)).stdout
     assert "timm:resnet18" in info and "BcosConv2d" in info and "first layer" in info
     as_json = json.loads(run("info", str(converted), "--json").stdout)
-    assert as_json["options"] == config["options"]
+    assert as_json["config"] == config["config"]
     assert bcosify.load(converted).num_classes == 3
 
 
@@ -48,7 +48,7 @@ def test_convert_real_checkpoint_with_positional_key_map(tmp_path):
     run("convert", "timm:efficientnet_lite0", "--weights", str(efficientnet_lite0_checkpoint_path()),
         "--key-map", "positional", "--b", "1", "--keep-bias", "--out", str(out))
     loaded = bcosify.load(out)
-    assert loaded.options.keep_bias and loaded.b == 1.0
+    assert loaded.config.keep_bias and loaded.b == 1.0
 
 
 def test_export_onnx_from_cli(converted, tmp_path):

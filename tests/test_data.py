@@ -1,15 +1,17 @@
-"""Datasets: Fashion-MNIST from the Debian package's IDX files, image folders, and clear errors."""
+"""Data in: Fashion-MNIST from the Debian package's IDX files, image folders, image files, and clear errors."""
 
 from __future__ import annotations
 
 import gzip
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from bcosify.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DataError, fashion_mnist, image_folder, read_idx
+from bcosify.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DataError, fashion_mnist, image_folder, load_image,
+                          preprocess, read_idx)
 
 
 def test_real_fashion_mnist_is_read():
@@ -67,3 +69,23 @@ def test_image_folder(tmp_path):
     assert image_folder(tmp_path, size=24, channels=1)[0][0].shape == (1, 24, 24)
     with pytest.raises(DataError, match="not found"):
         image_folder(tmp_path / "nope")
+
+
+def test_preprocess_resizes_and_centre_crops(tmp_path):
+    array = np.zeros((40, 80, 3), dtype=np.uint8)
+    array[:, 30:50] = 255  # a white band in the middle, black left and right
+    x = preprocess(array, 32)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert x[:, :, 16].min() > 0.99 and x[:, :, 0].max() < 0.01
+    grey = preprocess(array[..., 0], 32)
+    torch.testing.assert_close(grey, x)
+    Image.fromarray(array).save(tmp_path / "band.png")
+    torch.testing.assert_close(load_image(tmp_path / "band.png", 32), x)
+    assert load_image(tmp_path / "band.png", 32, channels=1).shape == (1, 32, 32)
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(OSError, match="cannot read image"):
+        load_image(tmp_path / "notes.png")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="size"):
+        preprocess(array, 0)

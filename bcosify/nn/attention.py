@@ -90,18 +90,3 @@ class SelfAttention(nn.Module):
                                              dropout_p=self.dropout if self.training else 0.0)
         out = self.proj(out.transpose(1, 2).reshape(n, tokens, -1))
         return (out if self.batch_first else out.transpose(0, 1)), None
-
-
-class MeanPatchTokens(nn.Module):
-    """``(N, T, D)`` tokens -> ``(N, 1, D)``: the mean over the tokens after the first ``num_prefix_tokens``
-    (class/register tokens), for a head that reads token 0."""
-
-    def __init__(self, num_prefix_tokens: int = 1) -> None:
-        super().__init__()
-        self.num_prefix_tokens = num_prefix_tokens
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x[:, self.num_prefix_tokens:].mean(1, keepdim=True)
-
-    def extra_repr(self) -> str:
-        return f"num_prefix_tokens={self.num_prefix_tokens}"

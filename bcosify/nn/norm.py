@@ -1,4 +1,4 @@
-"""Normalisation layers for B-cos networks.
+"""Normalization layers for B-cos networks.
 
 BatchNorm becomes uncentred (a per-channel scale); LayerNorm / GroupNorm keep their centring (which is
 linear) and detach their standard deviation in explanation mode. Biases are optional and off by default.

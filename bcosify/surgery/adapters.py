@@ -4,47 +4,30 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import timm.layers
-import timm.models.vision_transformer as timm_vit
 import torch
-import torchvision.models.vision_transformer as tv_vit
 from torch import nn
 
 from ..errors import ConversionError
-from ..nn import MeanPatchTokens
-from .engine import Trace
-from .rules import DESCEND, RULES, Rule
+from ..nn.head import ClassifierBeforePooling, MeanPatchTokens
+from .trace import Trace
+
+try:
+    import timm.layers
+    import timm.models.vision_transformer as timm_vit
+except ImportError:  # pragma: no cover - timm is optional for the engine
+    timm = timm_vit = None
+try:
+    import torchvision.models.vision_transformer as tv_vit
+except ImportError:  # pragma: no cover
+    tv_vit = None
 
 _BETWEEN_POOL_AND_CLASSIFIER = (nn.Flatten, nn.Identity, nn.Dropout)
-
-
-class ClassifierBeforePooling(nn.Module):
-    """Apply the classifier as a 1x1 convolution at every location, then pool the per-location logits.
-
-    With average pooling this is the same function as pooling first; it also yields logit maps.
-    """
-
-    def __init__(self, dropout: nn.Module, classifier: nn.Conv2d, pool: nn.Module) -> None:
-        super().__init__()
-        self.dropout = dropout
-        self.classifier = classifier
-        self.pool = pool
-
-    def logit_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-location logits ``(N, classes, H, W)``."""
-        return self.classifier(self.dropout(x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.logit_maps(x))
-
-
-RULES[ClassifierBeforePooling] = Rule(DESCEND)
 
 
 def _is_global_average_pool(module: nn.Module) -> bool:
     if type(module) is nn.AdaptiveAvgPool2d:
         return module.output_size in (1, (1, 1))
-    if type(module) is timm.layers.SelectAdaptivePool2d:
+    if timm is not None and type(module) is timm.layers.SelectAdaptivePool2d:
         return module.pool_type in ("avg", "fast", "fastavg")
     return False
 
@@ -99,12 +82,12 @@ def pool_patch_tokens(model: nn.Module) -> None:
     timm ``VisionTransformer`` (average pooling over the non-prefix tokens) and torchvision
     ``VisionTransformer`` (the encoder's output token 0 becomes the mean of the patch tokens).
     """
-    if type(model) is timm_vit.VisionTransformer:
+    if timm_vit is not None and type(model) is timm_vit.VisionTransformer:
         if model.attn_pool is not None:
             raise ConversionError("token_pool='mean': the model pools with attention (global_pool='map')")
         model.global_pool = "avg"
         model.pool_include_prefix = False
-    elif type(model) is tv_vit.VisionTransformer:
+    elif tv_vit is not None and type(model) is tv_vit.VisionTransformer:
         model.encoder.ln = nn.Sequential(OrderedDict(norm=model.encoder.ln, pool=MeanPatchTokens(1)))
     else:
         raise ConversionError(f"token_pool='mean' applies to timm and torchvision VisionTransformer models, not "

@@ -1,0 +1,118 @@
+"""``bcosify.convert``: one call from a pretrained model (or a model spec) to a ``BcosModel``."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any, Mapping
+
+from torch import nn
+
+from .config import BcosConfig
+from .errors import ConversionError
+from .model import BcosModel
+from .nn import fold_input_normalization, resolve_normalization
+from .surgery.engine import convert_modules, replace_classifier
+from .surgery.report import type_name
+from .surgery.rules import FIRST_LAYER_TYPES, RULES, Rule
+from .surgery.trace import trace
+from .weights import HUB, build_model
+
+
+def convert(model: nn.Module | str, config: BcosConfig | None = None, *, weights: str | os.PathLike | None = HUB,
+            model_kwargs: dict[str, Any] | None = None, key_map: str | None = None,
+            rules: Mapping[type, Rule] | None = None, **options: Any) -> BcosModel:
+    """Convert a pretrained image classifier into a B-cos network.
+
+    Args:
+        model: an ``nn.Module`` (never modified) or a spec: ``"timm:NAME"``, ``"hf-hub:ORG/NAME"`` or
+            ``"torchvision:NAME"``.
+        config: a :class:`BcosConfig`; ``**options`` (its field names: ``b``, ``keep_bias``, ``mean``, ``std``,
+            ``num_classes``, ``strict``, ``normalize_weights``, ``logit_bias``, ``maxpool_to_avgpool``,
+            ``gap_reorder``, ``token_pool``, ``class_names``) override its values.
+        weights, model_kwargs, key_map: for a spec only; see :func:`bcosify.weights.build_model`.
+        rules: extra ``{exact module type: Rule}`` entries for this call only (they take precedence over the
+            built-in table; see :mod:`bcosify.surgery.rules`).
+
+    Returns:
+        a :class:`BcosModel` whose ``config`` holds every resolved value; ``.report`` says what happened to every
+        module.
+    """
+    config = (config if config is not None else BcosConfig()).replace(**options)
+    if isinstance(model, BcosModel):
+        raise ConversionError("this model is already a BcosModel; convert the original model instead")
+    if isinstance(model, str):
+        network = build_model(model, weights, model_kwargs, key_map)
+        config = config.replace(spec=model, model_kwargs=dict(model_kwargs or {}))
+    elif isinstance(model, nn.Module):
+        if model_kwargs or key_map or (weights is not None and weights != HUB):
+            raise TypeError("weights, model_kwargs and key_map apply to model specs only; load weights into "
+                            "the module yourself")
+        network = copy.deepcopy(model)
+    else:
+        raise TypeError(f"model must be an nn.Module or a spec string, got {type(model).__name__}")
+    if any(type(m) is BcosModel or type(m).__module__.startswith("bcosify.nn") for m in network.modules()):
+        raise ConversionError("this model already contains bcosify layers; convert the original model instead")
+
+    info = trace(network)
+    if config.in_chans is not None and config.in_chans != info.in_chans:
+        raise ConversionError(f"the config is for {config.in_chans} input channels but the model takes {info.in_chans}")
+    if config.spec is None:
+        config = config.replace(**_timm_spec(network, info.in_chans, info.num_classes))
+    mean, std, norm_from = resolve_normalization(network, config.mean, config.std, info.in_chans)
+    if config.mean is not None and config.normalization_from:
+        norm_from = config.normalization_from  # a saved config: keep where the values first came from
+    num_classes = config.num_classes if config.num_classes is not None else info.num_classes
+    if num_classes != info.num_classes:
+        if info.classifier_path is None:
+            raise ConversionError("num_classes was given but the model has no Linear classifier to replace")
+        replace_classifier(network, info.classifier_path, num_classes)
+        info = trace(network)
+    if config.token_pool == "mean":
+        from .surgery.adapters import pool_patch_tokens
+
+        pool_patch_tokens(network)
+        info = trace(network)
+    if config.gap_reorder:
+        from .surgery.adapters import reorder_classifier_before_pooling
+
+        reorder_classifier_before_pooling(network, info)
+        info = trace(network)
+    config = config.replace(mean=mean, std=std, normalization_from=norm_from, num_classes=num_classes,
+                            in_chans=info.in_chans, logit_bias=_logit_bias(config, num_classes),
+                            model_class=config.model_class or type_name(model if isinstance(model, nn.Module)
+                                                                        else network))
+    _encode_first_layer(network, info.first_layer_path, config, {**RULES, **(rules or {})})
+    report = convert_modules(network, config, info, rules)
+    bmodel = BcosModel(network, config, report)
+    return bmodel.train(model.training if isinstance(model, nn.Module) else False)
+
+
+def _encode_first_layer(network: nn.Module, path: str, config: BcosConfig, rules: Mapping[type, Rule]) -> None:
+    """Replace the layer that takes the image by one over ``[x, 1 - x]`` with the normalization folded in.
+
+    A first layer of a type no rule knows is left for the engine, which refuses it by name.
+    """
+    first = network.get_submodule(path)
+    if type(first) in FIRST_LAYER_TYPES:
+        network.set_submodule(path, fold_input_normalization(first, config.mean, config.std))
+    elif type(first) in rules:
+        raise ConversionError(f"the first layer {path} is a {type(first).__name__}; only a Conv2d can take the "
+                              "folded input normalization")
+
+
+def _logit_bias(config: BcosConfig, num_classes: int) -> float:
+    if config.logit_bias is not None:
+        return float(config.logit_bias)
+    if config.keep_bias or num_classes < 2:
+        return 0.0
+    return -math.log(num_classes - 1)
+
+
+def _timm_spec(model: nn.Module, in_chans: int, num_classes: int) -> dict[str, Any]:
+    """The spec that rebuilds a timm model instance (so ``bcosify.load`` needs no skeleton), if it is one."""
+    architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not architecture or not type(model).__module__.startswith("timm."):
+        return {}
+    return {"spec": f"timm:{architecture}", "model_kwargs": {"in_chans": in_chans, "num_classes": num_classes}}

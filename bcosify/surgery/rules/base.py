@@ -1,0 +1,60 @@
+"""What a rule is, and what its builder may read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from torch import nn
+
+from ...config import BcosConfig
+from ..report import ConversionReport
+
+DESCEND = "descend"
+KEEP = "keep"
+REPLACE = "replace"
+GATE = "gate"
+REFUSE = "refuse"
+ACTIONS = (DESCEND, KEEP, REPLACE, GATE, REFUSE)
+
+
+@dataclass
+class Context:
+    """What a builder may read while converting one model."""
+
+    config: BcosConfig
+    report: ConversionReport
+    rules: Mapping[type, "Rule"] = field(default_factory=dict)
+    convert_child: Callable[[nn.Module, str], nn.Module] | None = None
+    path: str = ""
+
+
+Builder = Callable[[nn.Module, Context], nn.Module]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What happens to modules of one exact type.
+
+    ``descend``: a container whose own forward only composes its children with linear operations
+    (sums, concatenation, constant scales, reshapes); its children are converted one by one.
+    ``keep``: left as is (linear or dynamic linear: ReLU, pooling, dropout, reshapes).
+    ``replace``/``gate``: ``build(module, context)`` returns the replacement.
+    ``refuse``: a known type with no exact conversion; ``note`` says why.
+    ``constants``: for a container, its own parameters that its forward adds to the value path as constants
+    (positional embeddings, class/register tokens); explanations account for them per sample.
+    ``scales``: a container's own parameters that its forward multiplies the value path by (layer scale).
+    A container's own parameter declared in neither is refused.
+    """
+
+    action: str
+    build: Builder | None = None
+    note: str = ""
+    constants: tuple[str, ...] = ()
+    scales: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"unknown rule action {self.action!r}; expected one of {ACTIONS}")
+        if self.action in (REPLACE, GATE) and self.build is None:
+            raise ValueError(f"a {self.action!r} rule needs a build function")

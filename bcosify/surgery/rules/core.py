@@ -1,0 +1,158 @@
+"""Rules for ``torch.nn`` modules, and the builders every library's rules share."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+from ...errors import ConversionError
+from ...nn import (BcosConv2d, BcosLinear, DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d,
+                   DetachedGate, GatePath, SelfAttention, SplitQKV, UncenteredBatchNorm2d, gated, gelu_gate,
+                   gelu_tanh_gate, hardswish_gate, relu6_gate)
+from ...nn.head import ClassifierBeforePooling, MeanPatchTokens
+from ..report import GATED, REPLACED
+from .base import DESCEND, GATE, KEEP, REPLACE, Builder, Context, Rule
+
+#: exact types of linear layers (the classifier, a ``qkv`` projection) and of first layers that can take the
+#: folded input normalization; other libraries' rule modules add theirs
+LINEAR_TYPES: set[type] = {nn.Linear}
+FIRST_LAYER_TYPES: set[type] = {nn.Conv2d}
+
+
+# --- builders ---------------------------------------------------------------------------------------
+
+def bcos_conv(conv: nn.Conv2d, ctx: Context, same_padding: bool = False) -> BcosConv2d:
+    try:
+        return BcosConv2d.from_module(conv, ctx.config.b, ctx.config.normalize_weights,
+                                      keep_bias=ctx.config.keep_bias, same_padding=same_padding)
+    except ValueError as e:
+        raise ConversionError(f"{ctx.path} ({type(conv).__name__}): {e}") from None
+
+
+def bcos_conv_same(conv: nn.Conv2d, ctx: Context) -> BcosConv2d:
+    return bcos_conv(conv, ctx, same_padding=True)
+
+
+def bcos_linear(linear: nn.Linear, ctx: Context) -> BcosLinear:
+    return BcosLinear.from_module(linear, ctx.config.b, ctx.config.normalize_weights, keep_bias=ctx.config.keep_bias)
+
+
+def batchnorm(bn: nn.BatchNorm2d, ctx: Context) -> UncenteredBatchNorm2d:
+    return UncenteredBatchNorm2d.from_module(bn, keep_bias=ctx.config.keep_bias)
+
+
+def norm_act(norm_type: type) -> Builder:
+    """timm's ``*NormAct`` layers: the converted norm, then the layer's own dropout and activation, converted."""
+
+    def build(norm: nn.Module, ctx: Context) -> nn.Sequential:
+        parts = OrderedDict(norm=norm_type.from_module(norm, keep_bias=ctx.config.keep_bias))
+        convert_child = ctx.convert_child  # (nested conversions move ctx on)
+        for name in ("drop", "act"):
+            if hasattr(norm, name):
+                parts[name] = convert_child(getattr(norm, name), name)
+        return nn.Sequential(parts)
+
+    return build
+
+
+def layernorm(ln: nn.LayerNorm, ctx: Context) -> DetachableLayerNorm:
+    return DetachableLayerNorm.from_module(ln, keep_bias=ctx.config.keep_bias)
+
+
+def layernorm2d(ln: nn.LayerNorm, ctx: Context) -> DetachableLayerNorm2d:
+    return DetachableLayerNorm2d.from_module(ln, keep_bias=ctx.config.keep_bias)
+
+
+def groupnorm(gn: nn.GroupNorm, ctx: Context) -> DetachableGroupNorm:
+    return DetachableGroupNorm.from_module(gn, keep_bias=ctx.config.keep_bias)
+
+
+def maxpool(pool: nn.MaxPool2d, ctx: Context) -> nn.Module:
+    if not ctx.config.maxpool_to_avgpool:
+        return pool
+    if pool.dilation not in (1, (1, 1)) or pool.return_indices:
+        raise ConversionError(f"{ctx.path}: a dilated or index-returning MaxPool2d cannot become AvgPool2d")
+    return nn.AvgPool2d(pool.kernel_size, pool.stride, pool.padding, ceil_mode=pool.ceil_mode)
+
+
+def gate(gate, name: str) -> Builder:
+    return lambda act, ctx: gated(act, gate, name)
+
+
+def ratio_gate(act: nn.Module, ctx: Context) -> nn.Module:
+    return gated(act)
+
+
+def gelu(act: nn.GELU, ctx: Context) -> nn.Module:
+    if act.approximate == "tanh":
+        return gated(act, gelu_tanh_gate, "gelu_tanh")
+    return gated(act, gelu_gate, "gelu")
+
+
+def se_gate(gate_fn) -> Builder:
+    return lambda module, ctx: DetachedGate(module, gate_fn)
+
+
+#: children of an attention module on the value path (converted); every other child is on the gate path
+_ATTENTION_VALUE_CHILDREN = ("proj", "norm", "attn_drop", "proj_drop")
+
+
+def attention(attn: nn.Module, ctx: Context) -> nn.Module:
+    """timm ``Attention`` / Swin ``WindowAttention``: ``qkv`` split (q, k a gate; v B-cos), ``proj`` converted,
+    every other child (q/k norms, softmax, output gate) kept on the gate path."""
+    base, convert_child = ctx.path, ctx.convert_child  # (nested conversions move ctx on)
+    for name, child in list(attn.named_children()):
+        path = f"{base}.{name}"
+        if name == "qkv":
+            if type(child) not in LINEAR_TYPES:
+                raise ConversionError(f"{path}: expected a Linear qkv projection, got {type(child).__name__}")
+            new = SplitQKV.from_weights(child.weight, child.bias, lambda v: bcos_linear(v, ctx))
+            ctx.report.add(path, child, REPLACED, new, "q, k kept (gate, detached in explanation mode); v B-cos")
+        elif name in _ATTENTION_VALUE_CHILDREN:
+            new = convert_child(child, name)
+        else:
+            new = GatePath(child)
+            ctx.report.add(path, child, GATED, new, "gate path (attention logits or output gate), kept")
+        setattr(attn, name, new)
+    return attn
+
+
+def multihead_attention(mha: nn.MultiheadAttention, ctx: Context) -> SelfAttention:
+    """``nn.MultiheadAttention`` (self-attention) as :class:`SelfAttention` with a split ``qkv``."""
+    base = ctx.path
+    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+        raise ConversionError(f"{base} (MultiheadAttention): only self-attention with one in_proj, no bias_k/bias_v "
+                              "and no add_zero_attn can be converted")
+    qkv = SplitQKV.from_weights(mha.in_proj_weight, mha.in_proj_bias, lambda v: bcos_linear(v, ctx))
+    proj = ctx.convert_child(mha.out_proj, "out_proj")
+    return SelfAttention(qkv, proj, mha.num_heads, mha.batch_first, mha.dropout)
+
+
+# --- the table --------------------------------------------------------------------------------------
+
+RULES: dict[type, Rule] = {
+    **{t: Rule(DESCEND) for t in (nn.Sequential, nn.ModuleList, nn.ModuleDict, ClassifierBeforePooling)},
+    **{t: Rule(KEEP) for t in (nn.Identity, nn.ReLU, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.AdaptiveAvgPool2d,
+                               nn.AvgPool2d, nn.AdaptiveMaxPool2d, MeanPatchTokens)},
+    nn.MaxPool2d: Rule(REPLACE, maxpool, "dynamic linear (selects an input)"),
+    # convolutions and linear layers on the value path
+    nn.Conv2d: Rule(REPLACE, bcos_conv),
+    nn.Linear: Rule(REPLACE, bcos_linear),
+    nn.modules.linear.NonDynamicallyQuantizableLinear: Rule(REPLACE, bcos_linear),
+    # attention: the attention matrix is a gate (q, k detached in explanation mode), v and proj B-cos
+    nn.MultiheadAttention: Rule(REPLACE, multihead_attention, "self-attention; attention matrix a gate"),
+    # normalization
+    nn.BatchNorm2d: Rule(REPLACE, batchnorm, "uncentred, bias-free"),
+    nn.LayerNorm: Rule(REPLACE, layernorm, "std detached in explanation mode"),
+    nn.GroupNorm: Rule(REPLACE, groupnorm, "std detached in explanation mode"),
+    # activations as gates
+    nn.ReLU6: Rule(REPLACE, gate(relu6_gate, "relu6")),
+    nn.GELU: Rule(REPLACE, gelu),
+    nn.SiLU: Rule(REPLACE, gate(torch.sigmoid, "silu")),
+    nn.Hardswish: Rule(REPLACE, gate(hardswish_gate, "hardswish")),
+    nn.Tanh: Rule(REPLACE, ratio_gate),
+    nn.LeakyReLU: Rule(REPLACE, ratio_gate),
+    nn.Mish: Rule(REPLACE, ratio_gate),
+}

@@ -1,0 +1,101 @@
+"""Rules for timm's modules (imported only when timm is installed)."""
+
+from __future__ import annotations
+
+import timm.layers
+import timm.layers.activations as timm_act
+import timm.models
+import timm.models._efficientnet_blocks as timm_eff_blocks
+import timm.models.beit as timm_beit
+import timm.models.deit as timm_deit
+import timm.models.eva as timm_eva
+import timm.models.swin_transformer as timm_swin
+import timm.models.vision_transformer as timm_vit
+import torch
+from torch import nn
+
+from ...nn import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d, UncenteredBatchNorm2d,
+                   gelu_gate, gelu_tanh_gate, hardswish_gate)
+from ...nn.act import quick_gelu_gate
+from .base import DESCEND, GATE, KEEP, REFUSE, REPLACE, Rule
+from .core import (FIRST_LAYER_TYPES, LINEAR_TYPES, attention, bcos_conv_same, bcos_linear, gate, groupnorm,
+                   layernorm, layernorm2d, norm_act, ratio_gate, se_gate)
+
+LINEAR_TYPES.add(timm.layers.Linear)
+FIRST_LAYER_TYPES.add(timm.layers.Conv2dSame)
+
+
+def _efficientnet_se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x_se = se.conv_expand(se.act1(se.conv_reduce(x.mean((2, 3), keepdim=True))))
+    return se.gate(x_se)
+
+
+def _se_module_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    x_se = x.mean((2, 3), keepdim=True)
+    if se.add_maxpool:
+        x_se = 0.5 * x_se + 0.5 * x.amax((2, 3), keepdim=True)
+    return se.gate(se.fc2(se.act(se.bn(se.fc1(x_se)))))
+
+
+_CONTAINERS = (
+    timm.models.resnet.ResNet, timm.models.resnet.BasicBlock, timm.models.resnet.Bottleneck,
+    timm.models.vgg.VGG, timm.models.vgg.ConvMlp,
+    timm.models.densenet.DenseNet, timm.models.densenet.DenseBlock, timm.models.densenet.DenseLayer,
+    timm.models.densenet.DenseTransition,
+    timm.models.regnet.RegNet, timm.models.regnet.RegStage, timm.models.regnet.Bottleneck,
+    timm.models.efficientnet.EfficientNet, timm.models.mobilenetv3.MobileNetV3,
+    timm_eff_blocks.DepthwiseSeparableConv, timm_eff_blocks.InvertedResidual, timm_eff_blocks.ConvBnAct,
+    timm_eff_blocks.EdgeResidual,
+    timm.models.convnext.ConvNeXt, timm.models.convnext.ConvNeXtStage,
+    timm.layers.ClassifierHead, timm.layers.NormMlpClassifierHead, timm.layers.Mlp, timm.layers.ConvNormAct,
+    # transformers (the top-level ViTs are below, with their constants)
+    timm_vit.Block, timm_vit.ResPostBlock, timm.layers.PatchEmbed,
+    timm_swin.SwinTransformer, timm_swin.SwinTransformerStage, timm_swin.SwinTransformerBlock,
+    timm_swin.PatchMerging,
+)
+
+_KEPT = (timm.layers.SelectAdaptivePool2d, timm.layers.DropPath, timm.layers.LayerScale, timm.layers.PatchDropout)
+
+RULES: dict[type, Rule] = {
+    **{t: Rule(DESCEND) for t in _CONTAINERS},
+    **{t: Rule(KEEP) for t in _KEPT},
+    # blocks with a layer scale of their own
+    timm.models.convnext.ConvNeXtBlock: Rule(DESCEND, scales=("gamma",)),
+    # vision transformers: containers that add constants (explained as constant_contribution)
+    timm_vit.VisionTransformer: Rule(DESCEND, constants=("cls_token", "reg_token", "pos_embed")),
+    timm_deit.VisionTransformerDistilled: Rule(DESCEND, constants=("cls_token", "reg_token", "dist_token",
+                                                                   "pos_embed")),
+    # attention: the attention matrix is a gate (q, k detached in explanation mode), v and proj B-cos
+    timm.layers.Attention: Rule(GATE, attention, "attention matrix a gate; v, proj B-cos"),
+    timm_swin.WindowAttention: Rule(GATE, attention, "attention matrix (relative position bias) a gate; v, "
+                                                     "proj B-cos"),
+    # known, and refused: their forwards read weights functionally or mix gate and value paths
+    timm_beit.Attention: Rule(REFUSE, note="reads its qkv weight functionally with separate q/v biases"),
+    timm_eva.EvaAttention: Rule(REFUSE, note="reads q/k/v weights functionally (rotary embedding, q/v biases)"),
+    timm.layers.AttentionPoolLatent: Rule(REFUSE, note="attention pooling with a learned query "
+                                                       "(use global_pool='token' or 'avg')"),
+    # convolutions and linear layers on the value path
+    timm.layers.Conv2dSame: Rule(REPLACE, bcos_conv_same, "TF 'SAME' padding kept"),
+    timm.layers.Linear: Rule(REPLACE, bcos_linear),
+    # normalization
+    timm.layers.BatchNormAct2d: Rule(REPLACE, norm_act(UncenteredBatchNorm2d), "uncentred, bias-free; act kept"),
+    timm.layers.GroupNormAct: Rule(REPLACE, norm_act(DetachableGroupNorm), "std detached; act kept"),
+    timm.layers.GroupNorm1Act: Rule(REPLACE, norm_act(DetachableGroupNorm), "std detached; act kept"),
+    timm.layers.LayerNormAct: Rule(REPLACE, norm_act(DetachableLayerNorm), "std detached; act kept"),
+    timm.layers.LayerNormAct2d: Rule(REPLACE, norm_act(DetachableLayerNorm2d), "std detached; act kept"),
+    timm.layers.LayerNorm: Rule(REPLACE, layernorm, "std detached in explanation mode"),
+    timm.layers.LayerNorm2d: Rule(REPLACE, layernorm2d, "std detached in explanation mode"),
+    timm.layers.GroupNorm: Rule(REPLACE, groupnorm, "std detached in explanation mode"),
+    timm.layers.GroupNorm1: Rule(REPLACE, groupnorm, "std detached in explanation mode"),
+    # activations as gates
+    timm_act.GELU: Rule(REPLACE, gate(gelu_gate, "gelu")),
+    timm_act.GELUTanh: Rule(REPLACE, gate(gelu_tanh_gate, "gelu_tanh")),
+    timm_act.QuickGELU: Rule(REPLACE, gate(quick_gelu_gate, "quick_gelu")),
+    timm_act.Swish: Rule(REPLACE, gate(torch.sigmoid, "silu")),
+    timm_act.HardSwish: Rule(REPLACE, gate(hardswish_gate, "hardswish")),
+    timm_act.Tanh: Rule(REPLACE, ratio_gate),
+    timm_act.Mish: Rule(REPLACE, ratio_gate),
+    # squeeze-excite: the gate branch stays as it is and is detached in explanation mode
+    timm_eff_blocks.SqueezeExcite: Rule(GATE, se_gate(_efficientnet_se_gate)),
+    timm.layers.SEModule: Rule(GATE, se_gate(_se_module_gate)),
+}

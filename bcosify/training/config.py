@@ -1,0 +1,90 @@
+"""The fine-tuning options, as one dataclass (``FinetuneConfig``), and the per-epoch record (``History``)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import BcosConfig, Options
+
+LOSSES = ("bce", "bce_uniform", "ce", "distill")
+B_SCHEDULES = ("fixed", "linear")
+SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adam", "adamw")
+AMP_MODES = ("auto", "off", "bf16")
+
+
+@dataclass
+class FinetuneConfig(Options):
+    """Every option of :func:`finetune` (the paper's CNN recipe by default).
+
+    Attributes:
+        epochs: passes over the training data.
+        lr, optimizer, weight_decay: Adam(W) settings (timm's optimizer factory).
+        schedule, warmup_steps: cosine (or constant) learning rate per update, with linear warm-up.
+        loss: ``bce`` (one-hot targets with the model's logit bias), ``bce_uniform`` (off-labels 1/C),
+            ``ce`` (cross-entropy), or ``distill`` (match the original model's softmax; needs no labels).
+        distill_temperature: softmax temperature of ``distill``.
+        b: target alignment exponent (default: the model's current ``b``).
+        b_schedule, b_ramp_steps: ``fixed`` (paper) or ``linear`` from 1 to ``b`` over the given updates
+            (0 = one epoch).
+        agc_clip: adaptive gradient clipping factor (timm's ``adaptive_clip_grad``); ``None`` disables it.
+        grad_accum: micro-batches per update.
+        amp: ``auto`` (bf16 autocast on CUDA when supported), ``bf16`` or ``off``.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ...
+        checkpoint_dir, checkpoint_every: checkpoint folder, and updates between checkpoints (0: epoch ends only).
+        resume: continue from the last checkpoint in ``checkpoint_dir``.
+        seed: seeds torch's generator at the start (``None``: leave it).
+        progress: tqdm progress bars and a summary line per epoch.
+    """
+
+    epochs: int = 1
+    lr: float = 1e-4
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    loss: str = "bce"
+    distill_temperature: float = 1.0
+    b: float | None = None
+    b_schedule: str = "fixed"
+    b_ramp_steps: int = 0
+    agc_clip: float | None = 0.01
+    grad_accum: int = 1
+    amp: str = "auto"
+    device: str = "auto"
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    seed: int | None = 0
+    progress: bool = True
+
+    KIND = "finetune"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("loss", LOSSES), ("b_schedule", B_SCHEDULES), ("schedule", SCHEDULES),
+                              ("optimizer", OPTIMIZERS), ("amp", AMP_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.epochs < 1 or self.grad_accum < 1:
+            raise ValueError("epochs and grad_accum must be >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.b is not None:
+            self.b = BcosConfig(b=self.b).b
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume=True needs checkpoint_dir")
+
+
+@dataclass
+class History:
+    """Per-epoch record of a fine-tuning run."""
+
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+
+    def last(self, key: str) -> Any:
+        return self.epochs[-1][key] if self.epochs else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epochs": self.epochs}

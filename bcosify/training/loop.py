@@ -1,0 +1,275 @@
+"""``bcosify.finetune``: the short fine-tuning that recovers accuracy after conversion; ``evaluate``; and the
+plain training of an original model (the demo's "existing checkpoint")."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import normalize
+from ..errors import BcosifyError
+from ..model import BcosModel
+from ..utils import eval_mode
+from .config import FinetuneConfig, History
+from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+class TrainingDivergedError(BcosifyError, FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` means CUDA when available, else CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        labels = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return batch[0], labels
+    raise TypeError(f"a batch must be images or (images, labels) tensors, got {type(batch).__name__}")
+
+
+def compute_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor | None,
+                 teacher_logits: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """The training loss ``kind`` (one of ``LOSSES``) of a batch of logits."""
+    if kind == "distill":
+        if teacher_logits is None:
+            raise ValueError("loss='distill' needs a teacher (the original model)")
+        t = temperature
+        return F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(teacher_logits.float() / t, 1),
+                        reduction="batchmean", log_target=True) * t * t
+    if labels is None:
+        raise ValueError(f"loss={kind!r} needs labels; use loss='distill' for unlabelled data")
+    if kind == "ce":
+        return F.cross_entropy(logits.float(), labels)
+    targets = F.one_hot(labels, logits.shape[1]).float()
+    if kind == "bce_uniform":
+        targets = targets.clamp_min(1.0 / logits.shape[1])
+    return F.binary_cross_entropy_with_logits(logits.float(), targets)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Iterable, *, mean=None, std=None, device: str = "auto",
+             progress: bool = False, desc: str = "evaluate") -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (batches of images in [0, 1] with labels).
+
+    A plain (unconverted) model gets its images normalized with ``mean``/``std`` first.
+    """
+    device = resolve_device(device)
+    plain = not isinstance(model, BcosModel)
+    if plain and (mean is None or std is None):
+        raise ValueError("an unconverted model needs the mean and std of its input normalization")
+    correct = total = 0
+    with eval_mode(model.to(device)):
+        for batch in tqdm(data, desc=desc, leave=False, disable=not progress):
+            x, y = _split_batch(batch)
+            if y is None:
+                raise ValueError("evaluate needs labelled batches")
+            x, y = x.to(device), y.to(device)
+            correct += int((model(normalize(x, mean, std) if plain else x).argmax(1) == y).sum())
+            total += len(y)
+    if total == 0:
+        raise ValueError("evaluate got no data")
+    return correct / total
+
+
+# --- the loop ------------------------------------------------------------------------------------------
+
+def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = None, *,
+             val: Iterable | None = None, teacher: nn.Module | None = None, **options: Any) -> History:
+    """Fine-tune a converted model on ``train`` (a DataLoader of images in [0, 1], with labels unless distilling).
+
+    ``config`` is a :class:`FinetuneConfig`; ``**options`` (its field names) override its values. ``teacher`` is
+    the original (unconverted) model, needed for ``loss="distill"``. Returns the per-epoch :class:`History`; the
+    model ends in eval mode.
+    """
+    cfg = (config if config is not None else FinetuneConfig()).replace(**options)
+    if not isinstance(model, BcosModel):
+        raise TypeError(f"finetune needs a BcosModel (from bcosify.convert), got {type(model).__name__}")
+    if cfg.loss == "distill" and teacher is None:
+        raise ValueError("loss='distill' needs teacher=<the original, unconverted model>")
+    try:
+        batches_per_epoch = len(train)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError("train must have a length (a DataLoader over a map-style dataset)") from None
+    if batches_per_epoch == 0:
+        raise ValueError("train is empty")
+    import timm.optim
+    import timm.scheduler
+    import timm.utils
+
+    device = resolve_device(cfg.device)
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    model.to(device)
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+    target_b = cfg.b if cfg.b is not None else model.b
+    updates_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_updates = cfg.epochs * updates_per_epoch
+    ramp = cfg.b_ramp_steps or updates_per_epoch
+
+    def b_at(update: int) -> float:
+        if cfg.b_schedule == "fixed":
+            return target_b
+        return 1 + (target_b - 1) * min(1.0, update / ramp)
+
+    optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                               foreach=False)
+    scheduler = None
+    if cfg.schedule == "cosine":
+        scheduler = timm.scheduler.CosineLRScheduler(optimizer, t_initial=max(total_updates - cfg.warmup_steps, 1),
+                                                     warmup_t=cfg.warmup_steps, warmup_lr_init=cfg.lr * 1e-3,
+                                                     warmup_prefix=True, t_in_epochs=False, lr_min=cfg.lr * 1e-2)
+    elif cfg.warmup_steps:
+        scheduler = timm.scheduler.StepLRScheduler(optimizer, decay_t=10 ** 9, warmup_t=cfg.warmup_steps,
+                                                   warmup_lr_init=cfg.lr * 1e-3, t_in_epochs=False)
+    amp = cfg.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+
+    history = History()
+    start_epoch, skip_batches, update = 0, 0, 0
+    resume_meta = None
+    checkpoint_root = pathlib.Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    last_checkpoint: pathlib.Path | None = None
+    if cfg.resume:
+        last_checkpoint = latest_checkpoint(checkpoint_root)
+        if last_checkpoint is not None:
+            resume_meta = load_checkpoint(last_checkpoint, model, optimizer, scheduler)
+            start_epoch, skip_batches = resume_meta["epoch"], resume_meta["batch_in_epoch"]
+            update = resume_meta["global_step"]
+            history = History(resume_meta["history"])
+            if skip_batches >= batches_per_epoch:
+                start_epoch, skip_batches = start_epoch + 1, 0
+
+    for epoch in range(start_epoch, cfg.epochs):
+        resuming = resume_meta is not None and epoch == resume_meta["epoch"]
+        if resuming:
+            torch.set_rng_state(resume_meta["epoch_start_rng"])
+        epoch_start_rng = torch.get_rng_state()
+        batches = iter(train)
+        if resuming and skip_batches:
+            for _ in range(skip_batches):
+                next(batches)
+            torch.set_rng_state(resume_meta["rng_after"])
+        running = resume_meta.get("running", {}) if resuming else {}
+        loss_sum, correct, seen = running.get("loss_sum", 0.0), running.get("correct", 0), running.get("seen", 0)
+        start = time.perf_counter() - running.get("seconds", 0.0)
+        model.train()
+        bar = tqdm(total=batches_per_epoch, initial=skip_batches if resuming else 0, disable=not cfg.progress,
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+        first = skip_batches if resuming else 0
+        optimizer.zero_grad(set_to_none=True)
+        for index, batch in enumerate(batches, start=first):
+            x, labels = _split_batch(batch)
+            x = x.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True) if labels is not None else None
+            model.set_b(b_at(update))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                logits = model(x)
+                teacher_logits = None
+                if teacher is not None and cfg.loss == "distill":
+                    with torch.no_grad():
+                        teacher_logits = teacher(normalize(x, model.config.mean, model.config.std))
+            loss = compute_loss(cfg.loss, logits, labels, teacher_logits, cfg.distill_temperature)
+            if not torch.isfinite(loss):
+                where = str(last_checkpoint) if last_checkpoint else "none (pass checkpoint_dir to keep some)"
+                raise TrainingDivergedError(
+                    f"loss became {loss.item()} at update {update + 1} (epoch {epoch + 1}, batch {index + 1}); "
+                    f"last good checkpoint: {where}")
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() * len(x)
+            seen += len(x)
+            if labels is not None:
+                correct += int((logits.detach().argmax(1) == labels).sum())
+            end_of_update = (index + 1) % cfg.grad_accum == 0 or index + 1 == batches_per_epoch
+            if end_of_update:
+                if cfg.agc_clip is not None:
+                    timm.utils.adaptive_clip_grad(model.parameters(), clip_factor=cfg.agc_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                update += 1
+                if scheduler is not None:
+                    scheduler.step_update(update)
+                if checkpoint_root and cfg.checkpoint_every and update % cfg.checkpoint_every == 0 \
+                        and index + 1 < batches_per_epoch:
+                    last_checkpoint = save_checkpoint(checkpoint_root, model, optimizer, scheduler, {
+                        "epoch": epoch, "batch_in_epoch": index + 1, "global_step": update,
+                        "history": history.epochs, "epoch_start_rng": epoch_start_rng,
+                        "running": {"loss_sum": loss_sum, "correct": correct, "seen": seen,
+                                    "seconds": time.perf_counter() - start}})
+            bar.update(1)
+            if cfg.progress:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}",
+                                acc=f"{correct / seen:.3f}" if labels is not None else "-",
+                                lr=f"{optimizer.param_groups[0]['lr']:.1e}", b=f"{model.b:.2f}")
+        bar.close()
+        record = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1),
+                  "accuracy": correct / seen if seen and labels is not None else None,
+                  "lr": optimizer.param_groups[0]["lr"], "b": model.b, "updates": update,
+                  "seconds": time.perf_counter() - start}
+        if val is not None:
+            record["val_accuracy"] = evaluate(model, val, device=str(device), progress=cfg.progress,
+                                              desc="validate")
+            model.train()
+        history.epochs.append(record)
+        if cfg.progress:
+            acc = f"  acc {record['accuracy']:.2%}" if record["accuracy"] is not None else ""
+            val_text = f"  val {record['val_accuracy']:.2%}" if "val_accuracy" in record else ""
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}{acc}{val_text}  "
+                       f"lr {record['lr']:.1e}  b {record['b']:.2f}  {record['seconds']:.0f}s")
+        if checkpoint_root:
+            last_checkpoint = save_checkpoint(checkpoint_root, model, optimizer, scheduler, {
+                "epoch": epoch + 1, "batch_in_epoch": 0, "global_step": update, "history": history.epochs,
+                "epoch_start_rng": torch.get_rng_state()})
+        resume_meta = None
+    model.eval()
+    return history
+
+
+def train_original(model: nn.Module, train: Iterable, *, mean: Sequence[float], std: Sequence[float],
+                   epochs: int = 1, lr: float = 1e-3, schedule: str = "constant", device: str = "auto",
+                   val: Iterable | None = None, progress: bool = True) -> list[float]:
+    """Train a plain (unconverted) classifier with Adam and cross-entropy on images in [0, 1] (normalized with
+    ``mean``/``std``): the "existing checkpoint" of the demo and the benchmarks.
+
+    ``schedule``: ``constant`` or ``cosine`` (per update). Returns the accuracy on ``val`` after each epoch (empty
+    without ``val``); the model ends in eval mode.
+    """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}")
+    device = resolve_device(device)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * len(train))
+                 if schedule == "cosine" else None)
+    accuracies = []
+    for epoch in range(epochs):
+        model.train()
+        bar = tqdm(train, desc=f"original {epoch + 1}/{epochs}", leave=False, disable=not progress)
+        for batch in bar:
+            x, y = _split_batch(batch)
+            loss = F.cross_entropy(model(normalize(x.to(device), mean, std)), y.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if val is not None:
+            accuracies.append(evaluate(model, val, mean=mean, std=std, device=str(device)))
+    model.eval()
+    return accuracies

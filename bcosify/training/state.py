@@ -1,0 +1,112 @@
+"""Resume state of a fine-tuning run: checkpoint folders (safetensors + JSON, no pickle), written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import torch
+
+from ..errors import BcosifyError
+from ..model import BcosModel
+from ..weights import load_weights
+
+CHECKPOINT_FORMAT = 1
+
+
+def _tensor_state(prefix: str, state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, plain = {}, {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            tensors[f"{prefix}{key}"] = value.detach().cpu().contiguous().clone()
+        else:
+            plain[key] = value
+    return tensors, plain
+
+
+def save_checkpoint(folder: pathlib.Path, model: BcosModel, optimizer, scheduler, meta: dict) -> pathlib.Path:
+    """Write a checkpoint folder ``step-N`` atomically and point ``latest`` at it."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"step-{meta['global_step']:08d}"
+    tmp = folder / f".{name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {f"model.{k}": v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    opt_plain: dict[str, Any] = {"param_groups": opt["param_groups"], "state": {}}
+    for index, state in opt["state"].items():
+        t, plain = _tensor_state(f"optimizer.{index}.", state)
+        tensors.update(t)
+        opt_plain["state"][str(index)] = plain
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.epoch_start"] = meta.pop("epoch_start_rng")
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    save_file(tensors, str(tmp / "state.safetensors"))
+    payload = {"format": CHECKPOINT_FORMAT, **meta, "optimizer": opt_plain,
+               "optimizer_tensor_keys": sorted(k for k in tensors if k.startswith("optimizer.")),
+               "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    (tmp / "state.json").write_text(json.dumps(payload, default=_json_default))
+    final = folder / name
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = folder / ".latest.tmp"
+    pointer.write_text(name)
+    os.replace(pointer, folder / "latest")
+    for old in sorted(p for p in folder.glob("step-*") if p.name != name)[:-1]:  # keep the previous one too
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def latest_checkpoint(folder: str | os.PathLike) -> pathlib.Path | None:
+    """The newest complete checkpoint folder under ``folder``, if any."""
+    pointer = pathlib.Path(folder) / "latest"
+    if not pointer.is_file():
+        return None
+    path = pathlib.Path(folder) / pointer.read_text().strip()
+    return path if (path / "state.json").is_file() and (path / "state.safetensors").is_file() else None
+
+
+def load_checkpoint(path: pathlib.Path, model: BcosModel, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and RNG from a checkpoint folder; return its metadata."""
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "state.safetensors"))
+    except Exception as e:
+        raise BcosifyError(f"checkpoint {str(path)!r} is unreadable: {e}") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise BcosifyError(f"checkpoint {str(path)!r} has format {meta.get('format')}, expected {CHECKPOINT_FORMAT}")
+    load_weights(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_plain = meta["optimizer"]
+    state: dict[int, dict] = {int(i): dict(plain) for i, plain in opt_plain["state"].items()}
+    for key in meta["optimizer_tensor_keys"]:
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = tensors[key]
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in opt_plain["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    if scheduler is not None and meta.get("scheduler") is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    meta["rng_after"] = tensors["rng.torch"]
+    meta["epoch_start_rng"] = tensors["rng.epoch_start"]
+    return meta

@@ -1,0 +1,61 @@
+"""Equivalence (b=1, biases kept) and completeness (b=2, no biases) for every claimed family, in float64."""
+
+from __future__ import annotations
+
+import pytest
+import timm.layers
+import torch
+from torch import nn
+
+import bcosify
+from bcosify import SupportedModel as Family
+from bcosify.explanation.checks import equivalence_error
+from bcosify.weights import build_model
+from helpers import randomise_zero_weights, rescale_bcos_layers, value_path_modules
+
+UNCONVERTED_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, timm.layers.BatchNormAct2d)
+
+
+def _original(family: Family) -> nn.Module:
+    torch.manual_seed(0)
+    return randomise_zero_weights(
+        build_model(family.spec, weights=None, model_kwargs={"num_classes": 10, **family.kwargs}).double().eval())
+
+
+def _images(family: Family, n: int = 2) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.rand(n, 3, family.size, family.size, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family", bcosify.list_supported(), ids=lambda f: f.id)
+def test_equivalence_at_b1_with_biases(family: Family):
+    error = equivalence_error(_original(family), _images(family))
+    assert error < 1e-10  # DESIGN.md asks < 1e-5; float64 surgery is exact to rounding
+
+
+@pytest.mark.parametrize("family", bcosify.list_supported(), ids=lambda f: f.id)
+def test_completeness_after_conversion(family: Family):
+    original = _original(family)
+    bmodel = bcosify.convert(original)
+    assert bmodel.b == 2.0 and bmodel.logit_bias == pytest.approx(-torch.log(torch.tensor(9.0)).item())
+    x = _images(family, n=3)
+    rescale_bcos_layers(bmodel, torch.rand(4, 3, family.size, family.size, dtype=torch.float64))
+    e = bcosify.explain(bmodel, x)
+    with torch.no_grad():  # explanation mode changes gradients only, never the forward value
+        torch.testing.assert_close(e.logits, bmodel(x), rtol=1e-10, atol=0)
+    explained = e.explained_logit
+    assert bool((explained.abs() > 0).all()), "degenerate logits: completeness would be vacuous"
+    assert e.completeness_error.max().item() < 1e-6
+    total = e.contributions.flatten(1).sum(1) + e.constant_contribution
+    torch.testing.assert_close(total, explained, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("family", bcosify.list_supported(), ids=lambda f: f.id)
+def test_report_has_no_leftovers_and_value_path_is_bias_free(family: Family):
+    bmodel = bcosify.convert(_original(family))
+    assert bmodel.report.leftovers == []
+    assert bmodel.report.by_action("replaced"), "nothing was replaced"
+    for path, module in value_path_modules(bmodel.network):
+        assert type(module) not in UNCONVERTED_TYPES, f"{path} ({type(module).__name__}) left unconverted"
+        for name, _ in module.named_parameters(recurse=False):
+            assert name != "bias", f"{path} keeps a bias on the value path"

@@ -1,0 +1,114 @@
+"""Configs are objects: build one, pass it, override it, save it; conversion resolves every derived value once."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import bcosify
+from bcosify import BcosConfig, FinetuneConfig
+from bcosify.surgery import RULES, Rule
+
+
+class _Block(nn.Module):
+    """A container no rule knows: refused unless a rule is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.act(self.conv(x)).mean((2, 3)))
+
+
+def _resnet():
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", pretrained=False, num_classes=5).eval()
+
+
+def test_config_object_equals_keywords_and_keywords_override_it():
+    model, x = _resnet(), torch.rand(2, 3, 32, 32)
+    config = BcosConfig(b=1, keep_bias=True)
+    by_config = bcosify.convert(model, config=config).eval()
+    by_keywords = bcosify.convert(model, b=1, keep_bias=True).eval()
+    assert by_config.config == by_keywords.config
+    with torch.no_grad():
+        assert torch.equal(by_config(x), by_keywords(x))
+    overridden = bcosify.convert(model, config, b=1.5)
+    assert overridden.b == 1.5 and overridden.config.keep_bias
+    assert config == BcosConfig(b=1, keep_bias=True), "convert must not change the caller's config"
+    with pytest.raises(TypeError, match="unknown conversion options \\['bee'\\]"):
+        bcosify.convert(model, config, bee=2)
+
+
+def test_conversion_resolves_every_derived_value():
+    bmodel = bcosify.convert(_resnet())
+    c = bmodel.config
+    assert c.mean == (0.485, 0.456, 0.406) and c.std == (0.229, 0.224, 0.225)
+    assert c.normalization_from == "timm pretrained_cfg"
+    assert (c.in_chans, c.num_classes) == (3, 5) and c.logit_bias == pytest.approx(-math.log(4))
+    assert c.spec == "timm:resnet18" and c.model_kwargs == {"in_chans": 3, "num_classes": 5}
+    assert c.model_class == "timm.models.resnet.ResNet"
+    # a resolved config rebuilds the same model from the bare architecture
+    again = bcosify.convert(timm.create_model("resnet18", pretrained=False, num_classes=5), c)
+    assert again.config == c
+
+
+def test_resolved_config_must_fit_the_model():
+    config = bcosify.convert(_resnet()).config
+    grey = timm.create_model("resnet18", pretrained=False, num_classes=5, in_chans=1)
+    with pytest.raises(bcosify.ConversionError, match="3 input channels but the model takes 1"):
+        bcosify.convert(grey, config)
+
+
+def test_config_round_trips_through_json_and_rejects_bad_values():
+    config = BcosConfig(b=2.5, mean=(0.5,), std=(0.25,), class_names=("a", "b"), num_classes=2)
+    assert BcosConfig.from_dict(config.to_dict()) == config
+    assert config.to_dict()["class_names"] == ["a", "b"]
+    with pytest.raises(ValueError, match="unknown conversion options \\['colour'\\]"):
+        BcosConfig.from_dict({"colour": 1})
+    with pytest.raises(ValueError, match="3 class names for 2 classes"):
+        BcosConfig(num_classes=2, class_names=("a", "b", "c"))
+    with pytest.raises(ValueError, match="in_chans must be a positive integer"):
+        BcosConfig(in_chans=0)
+    finetune = FinetuneConfig(epochs=3, lr=1e-3)
+    assert FinetuneConfig.from_dict(finetune.to_dict()) == finetune
+    assert finetune.replace(lr=2e-3).lr == 2e-3 and finetune.lr == 1e-3
+    with pytest.raises(TypeError, match="unknown finetune options \\['learning_rate'\\]"):
+        finetune.replace(learning_rate=1)
+
+
+def test_finetune_takes_a_config_object():
+    bmodel = bcosify.convert(_Block(), mean=0.5, std=0.5, rules={_Block: Rule("descend")})
+    data = [(torch.rand(4, 3, 8, 8), torch.randint(0, 3, (4,))) for _ in range(2)]
+    history = bcosify.finetune(bmodel, data, FinetuneConfig(epochs=2, lr=1e-3, progress=False), seed=1)
+    assert len(history.epochs) == 2
+    with pytest.raises(TypeError, match="unknown finetune options"):
+        bcosify.finetune(bmodel, data, FinetuneConfig(), learning_rate=1)
+
+
+def test_rules_per_call_extend_the_table_for_that_call_only():
+    assert _Block not in RULES
+    with pytest.raises(bcosify.ConversionError, match="_Block"):
+        bcosify.convert(_Block(), mean=0.5, std=0.5)
+    bmodel = bcosify.convert(_Block(), mean=0.5, std=0.5, rules={_Block: Rule("descend")})
+    assert type(bmodel.network.conv).__name__ == "BcosConv2d"
+    assert _Block not in RULES, "a per-call rule must not leak into the global table"
+    with pytest.raises(ValueError, match="unknown rule action"):
+        Rule("transmogrify")
+
+
+def test_list_supported_filters_like_timm_list_models():
+    everything = bcosify.list_supported()
+    assert len(everything) >= 30 and len({f.id for f in everything}) == len(everything)
+    timm_only = bcosify.list_supported("timm:*")
+    assert timm_only and all(f.library == "timm" for f in timm_only)
+    assert {f.spec for f in bcosify.list_supported("vit*")} >= {"timm:vit_tiny_patch16_224",
+                                                               "torchvision:vit_b_16"}
+    assert bcosify.list_supported("no-such-family") == []

@@ -1,0 +1,34 @@
+"""Shared helpers: the eval-mode context and atomic writes."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from bcosify.utils import atomic_write, eval_mode
+
+
+def test_eval_mode_restores_every_submodule():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout())
+    model[1].eval()  # a mixed state, as timm leaves some modules
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert model.training and model[0].training and not model[1].training
+    with pytest.raises(RuntimeError):
+        with eval_mode(model):
+            raise RuntimeError("inside")
+    assert model.training and not model[1].training
+
+
+def test_atomic_write_replaces_whole_files_and_a_crash_leaves_none(tmp_path):
+    path = tmp_path / "sub" / "x.bin"
+    assert atomic_write(path, lambda tmp: tmp.write_bytes(b"one")) == path
+    assert path.read_bytes() == b"one"
+
+    def failing(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, failing)
+    assert path.read_bytes() == b"one" and sorted(p.name for p in path.parent.iterdir()) == ["x.bin"]
