@@ -18,22 +18,21 @@ def test_shipped_recipes_load():
     assert load_recipe("resnet-imagenet").data["batch_size"] == 256
 
 
-def test_bad_recipes_are_refused(tmp_path):
-    with pytest.raises(FileNotFoundError, match="shipped recipes"):
+def test_unknown_recipe_name_lists_the_shipped_ones():
+    with pytest.raises(FileNotFoundError, match="shipped recipes: .*fashion-mnist"):
         load_recipe("no-such-recipe")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: x\nmodel: timm:resnet18\nfinetune: {lr: 0.1, learning_rate: 3}\n",
+     "unknown finetune options \\['learning_rate'\\]"),
+    ("name: x\nmodel: timm:resnet18\nfinetune: {loss: hinge}\n", "loss must be one of"),
+    ("name: x\nmodel: timm:resnet18\nconvert: {b: 0.5}\n", "b must be"),
+    ("- just\n- a list\n", "mapping"),
+    ("name: [unclosed\n", "not valid YAML"),
+])
+def test_bad_recipes_are_refused(tmp_path, text, message):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nmodel: timm:resnet18\nfinetune: {lr: 0.1, learning_rate: 3}\n")
-    with pytest.raises(ValueError, match="unknown finetune options \\['learning_rate'\\]"):
-        load_recipe(bad)
-    bad.write_text("name: x\nmodel: timm:resnet18\nfinetune: {loss: hinge}\n")
-    with pytest.raises(ValueError, match="loss must be one of"):
-        load_recipe(bad)
-    bad.write_text("name: x\nmodel: timm:resnet18\nconvert: {b: 0.5}\n")
-    with pytest.raises(ValueError, match="b must be"):
-        load_recipe(bad)
-    bad.write_text("- just\n- a list\n")
-    with pytest.raises(ValueError, match="mapping"):
-        load_recipe(bad)
-    bad.write_text("name: [unclosed\n")
-    with pytest.raises(ValueError, match="not valid YAML"):
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=message):
         load_recipe(bad)
