@@ -137,8 +137,12 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Te
     return torch.cat(out)
 
 
-def image_folder(root: str | os.PathLike, size: int = 224, channels: int = 3):
-    """A ``torchvision.datasets.ImageFolder`` (one sub-folder per class) as ``size x size`` images in [0, 1]."""
+def image_folder(root: str | os.PathLike, size: int = 224, channels: int = 3, *, transform=None):
+    """A ``torchvision.datasets.ImageFolder`` (one sub-folder per class) as ``size x size`` images in [0, 1].
+
+    ``transform`` (PIL image -> tensor in [0, 1]) replaces the default resize and centre crop, e.g. for training
+    augmentation.
+    """
     from torchvision import datasets, transforms
 
     root = pathlib.Path(root)
@@ -146,11 +150,13 @@ def image_folder(root: str | os.PathLike, size: int = 224, channels: int = 3):
         raise DataError(f"image folder {str(root)!r} not found (expected one sub-folder of images per class)")
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    steps = [transforms.Resize(size), transforms.CenterCrop(size)]  # the loader yields RGB images
-    if channels == 1:
-        steps.append(transforms.Grayscale())
+    if transform is None:
+        steps = [transforms.Resize(size), transforms.CenterCrop(size)]  # the loader yields RGB images
+        if channels == 1:
+            steps.append(transforms.Grayscale())
+        transform = transforms.Compose(steps + [transforms.ToTensor()])
     try:
-        return datasets.ImageFolder(str(root), transform=transforms.Compose(steps + [transforms.ToTensor()]))
+        return datasets.ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"cannot use {str(root)!r} as an image folder: {e}") from None
 

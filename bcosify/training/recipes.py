@@ -13,9 +13,9 @@ import yaml
 
 from ..config import BcosConfig
 from .config import FinetuneConfig
+from .data import DataConfig
 
 RECIPES = importlib.resources.files(__package__) / "recipes"  # package data: found in wheels and zip imports
-_DATA_KEYS = {"dataset", "root", "val_root", "size", "channels", "batch_size", "limit"}
 _ORIGINAL_KEYS = {"epochs", "lr"}
 
 
@@ -55,13 +55,14 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     unknown = sorted(set(raw) - known)
     if unknown or "name" not in raw or "model" not in raw:
         raise ValueError(f"recipe {str(path)!r}: unknown keys {unknown} or missing name/model; keys: {sorted(known)}")
-    for section, allowed in (("data", _DATA_KEYS), ("original", _ORIGINAL_KEYS),
+    for section, allowed in (("data", set(DataConfig.option_names())), ("original", _ORIGINAL_KEYS),
                              ("convert", set(BcosConfig.option_names())),
                              ("finetune", set(FinetuneConfig.option_names()))):
         bad = sorted(set(raw.get(section) or {}) - allowed)
         if bad:
             raise ValueError(f"recipe {str(path)!r}: unknown {section} options {bad}; known: {sorted(allowed)}")
     BcosConfig(**(raw.get("convert") or {}))  # validate values now, not after an hour of training
+    DataConfig(**(raw.get("data") or {}))
     FinetuneConfig(**(raw.get("finetune") or {}))
     return Recipe(name=raw["name"], description=raw.get("description", ""), model=raw["model"],
                   model_kwargs=raw.get("model_kwargs") or {}, data=raw.get("data") or {},
