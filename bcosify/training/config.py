@@ -35,6 +35,7 @@ class FinetuneConfig(Options):
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ...
         checkpoint_dir, checkpoint_every: checkpoint folder, and updates between checkpoints (0: epoch ends only).
         resume: continue from the last checkpoint in ``checkpoint_dir``.
+        metrics_file: a JSON lines file that holds one record per finished epoch (rewritten atomically).
         seed: seeds torch's generator at the start (``None``: leave it).
         progress: tqdm progress bars and a summary line per epoch.
     """
@@ -57,6 +58,7 @@ class FinetuneConfig(Options):
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    metrics_file: str | None = None
     seed: int | None = 0
     progress: bool = True
 

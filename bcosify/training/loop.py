@@ -3,6 +3,8 @@ plain training of an original model (the demo's "existing checkpoint")."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import pathlib
 import time
@@ -16,8 +18,9 @@ from tqdm.auto import tqdm
 from ..data import normalize
 from ..errors import BcosifyError
 from ..model import BcosModel
-from ..utils import eval_mode
+from ..utils import atomic_write, eval_mode
 from .config import FinetuneConfig, History
+from .distributed import all_sum, is_distributed, is_main
 from .state import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -62,10 +65,11 @@ def compute_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor | None,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable, *, mean=None, std=None, device: str = "auto",
-             progress: bool = False, desc: str = "evaluate") -> float:
+             progress: bool = False, desc: str = "evaluate", distributed: bool = False) -> float:
     """Top-1 accuracy of ``model`` on ``data`` (batches of images in [0, 1] with labels).
 
-    A plain (unconverted) model gets its images normalized with ``mean``/``std`` first.
+    A plain (unconverted) model gets its images normalized with ``mean``/``std`` first. With ``distributed``
+    every process of the group holds its own share of the data and all of them get the accuracy of the whole.
     """
     device = resolve_device(device)
     plain = not isinstance(model, BcosModel)
@@ -80,6 +84,8 @@ def evaluate(model: nn.Module, data: Iterable, *, mean=None, std=None, device: s
             x, y = x.to(device), y.to(device)
             correct += int((model(normalize(x, mean, std) if plain else x).argmax(1) == y).sum())
             total += len(y)
+    if distributed:
+        correct, total = all_sum(correct, total)
     if total == 0:
         raise ValueError("evaluate got no data")
     return correct / total
@@ -94,6 +100,11 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
     ``config`` is a :class:`FinetuneConfig`; ``**options`` (its field names) override its values. ``teacher`` is
     the original (unconverted) model, needed for ``loss="distill"``. Returns the per-epoch :class:`History`; the
     model ends in eval mode.
+
+    In a distributed run (every process calls ``finetune`` inside :func:`bcosify.training.distributed.process_group`,
+    with its share of the data, e.g. from :func:`bcosify.training.data.build_loaders`) the model is wrapped in
+    ``DistributedDataParallel``; losses and accuracies are summed over the processes, and only rank 0 shows
+    progress and writes checkpoints and the metrics file.
     """
     cfg = (config if config is not None else FinetuneConfig()).replace(**options)
     if not isinstance(model, BcosModel):
@@ -111,9 +122,19 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
     import timm.utils
 
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    distributed, main = is_distributed(), is_main()
+    progress = cfg.progress and main
+    global_batch = getattr(train, "batch_size", None)
+    if distributed and global_batch:
+        global_batch *= torch.distributed.get_world_size()
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     model.to(device)
+    net: nn.Module = model
+    if distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if teacher is not None:
         teacher = teacher.to(device).eval()
     target_b = cfg.b if cfg.b is not None else model.b
@@ -149,6 +170,11 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
         last_checkpoint = latest_checkpoint(checkpoint_root)
         if last_checkpoint is not None:
             resume_meta = load_checkpoint(last_checkpoint, model, optimizer, scheduler)
+            if None not in (resume_meta.get("global_batch"), global_batch) and \
+                    resume_meta["global_batch"] != global_batch:
+                raise BcosifyError(f"checkpoint {str(last_checkpoint)!r} was written with a global batch of "
+                                   f"{resume_meta['global_batch']}, this run has {global_batch}: resume with the "
+                                   "same global batch (any number of processes)")
             start_epoch, skip_batches = resume_meta["epoch"], resume_meta["batch_in_epoch"]
             update = resume_meta["global_step"]
             history = History(resume_meta["history"])
@@ -160,16 +186,18 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
         if resuming:
             torch.set_rng_state(resume_meta["epoch_start_rng"])
         epoch_start_rng = torch.get_rng_state()
+        if hasattr(getattr(train, "sampler", None), "set_epoch"):
+            train.sampler.set_epoch(epoch)  # DistributedSampler: a new shuffle each epoch
         batches = iter(train)
         if resuming and skip_batches:
             for _ in range(skip_batches):
                 next(batches)
             torch.set_rng_state(resume_meta["rng_after"])
-        running = resume_meta.get("running", {}) if resuming else {}
+        running = resume_meta.get("running", {}) if resuming and main else {}  # saved summed over processes
         loss_sum, correct, seen = running.get("loss_sum", 0.0), running.get("correct", 0), running.get("seen", 0)
         start = time.perf_counter() - running.get("seconds", 0.0)
         model.train()
-        bar = tqdm(total=batches_per_epoch, initial=skip_batches if resuming else 0, disable=not cfg.progress,
+        bar = tqdm(total=batches_per_epoch, initial=skip_batches if resuming else 0, disable=not progress,
                    desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
         first = skip_batches if resuming else 0
         optimizer.zero_grad(set_to_none=True)
@@ -178,24 +206,26 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
             x = x.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True) if labels is not None else None
             model.set_b(b_at(update))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-                logits = model(x)
-                teacher_logits = None
-                if teacher is not None and cfg.loss == "distill":
-                    with torch.no_grad():
-                        teacher_logits = teacher(normalize(x, model.config.mean, model.config.std))
-            loss = compute_loss(cfg.loss, logits, labels, teacher_logits, cfg.distill_temperature)
-            if not torch.isfinite(loss):
-                where = str(last_checkpoint) if last_checkpoint else "none (pass checkpoint_dir to keep some)"
-                raise TrainingDivergedError(
-                    f"loss became {loss.item()} at update {update + 1} (epoch {epoch + 1}, batch {index + 1}); "
-                    f"last good checkpoint: {where}")
-            (loss / cfg.grad_accum).backward()
+            end_of_update = (index + 1) % cfg.grad_accum == 0 or index + 1 == batches_per_epoch
+            # DDP averages gradients on the last micro-batch of an update only
+            with contextlib.nullcontext() if end_of_update or not distributed else net.no_sync():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                    logits = net(x)
+                    teacher_logits = None
+                    if teacher is not None and cfg.loss == "distill":
+                        with torch.no_grad():
+                            teacher_logits = teacher(normalize(x, model.config.mean, model.config.std))
+                loss = compute_loss(cfg.loss, logits, labels, teacher_logits, cfg.distill_temperature)
+                if not torch.isfinite(loss):
+                    where = str(last_checkpoint) if last_checkpoint else "none (pass checkpoint_dir to keep some)"
+                    raise TrainingDivergedError(
+                        f"loss became {loss.item()} at update {update + 1} (epoch {epoch + 1}, batch {index + 1}); "
+                        f"last good checkpoint: {where}")
+                (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() * len(x)
             seen += len(x)
             if labels is not None:
                 correct += int((logits.detach().argmax(1) == labels).sum())
-            end_of_update = (index + 1) % cfg.grad_accum == 0 or index + 1 == batches_per_epoch
             if end_of_update:
                 if cfg.agc_clip is not None:
                     timm.utils.adaptive_clip_grad(model.parameters(), clip_factor=cfg.agc_clip)
@@ -206,35 +236,42 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
                     scheduler.step_update(update)
                 if checkpoint_root and cfg.checkpoint_every and update % cfg.checkpoint_every == 0 \
                         and index + 1 < batches_per_epoch:
-                    last_checkpoint = save_checkpoint(checkpoint_root, model, optimizer, scheduler, {
-                        "epoch": epoch, "batch_in_epoch": index + 1, "global_step": update,
-                        "history": history.epochs, "epoch_start_rng": epoch_start_rng,
-                        "running": {"loss_sum": loss_sum, "correct": correct, "seen": seen,
-                                    "seconds": time.perf_counter() - start}})
+                    totals = all_sum(loss_sum, correct, seen)  # every process takes part
+                    if main:
+                        last_checkpoint = save_checkpoint(checkpoint_root, model, optimizer, scheduler, {
+                            "epoch": epoch, "batch_in_epoch": index + 1, "global_step": update,
+                            "global_batch": global_batch, "history": history.epochs,
+                            "epoch_start_rng": epoch_start_rng,
+                            "running": {"loss_sum": totals[0], "correct": int(totals[1]), "seen": int(totals[2]),
+                                        "seconds": time.perf_counter() - start}})
             bar.update(1)
-            if cfg.progress:
+            if progress:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}",
                                 acc=f"{correct / seen:.3f}" if labels is not None else "-",
                                 lr=f"{optimizer.param_groups[0]['lr']:.1e}", b=f"{model.b:.2f}")
         bar.close()
+        loss_sum, correct, seen = all_sum(loss_sum, correct, seen)
         record = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1),
                   "accuracy": correct / seen if seen and labels is not None else None,
                   "lr": optimizer.param_groups[0]["lr"], "b": model.b, "updates": update,
                   "seconds": time.perf_counter() - start}
         if val is not None:
-            record["val_accuracy"] = evaluate(model, val, device=str(device), progress=cfg.progress,
-                                              desc="validate")
+            record["val_accuracy"] = evaluate(model, val, device=str(device), progress=progress, desc="validate",
+                                              distributed=distributed)
             model.train()
         history.epochs.append(record)
-        if cfg.progress:
+        if cfg.metrics_file and main:
+            lines = "".join(json.dumps(r) + "\n" for r in history.epochs)
+            atomic_write(cfg.metrics_file, lambda tmp: tmp.write_text(lines))
+        if progress:
             acc = f"  acc {record['accuracy']:.2%}" if record["accuracy"] is not None else ""
             val_text = f"  val {record['val_accuracy']:.2%}" if "val_accuracy" in record else ""
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}{acc}{val_text}  "
                        f"lr {record['lr']:.1e}  b {record['b']:.2f}  {record['seconds']:.0f}s")
-        if checkpoint_root:
+        if checkpoint_root and main:
             last_checkpoint = save_checkpoint(checkpoint_root, model, optimizer, scheduler, {
-                "epoch": epoch + 1, "batch_in_epoch": 0, "global_step": update, "history": history.epochs,
-                "epoch_start_rng": torch.get_rng_state()})
+                "epoch": epoch + 1, "batch_in_epoch": 0, "global_step": update, "global_batch": global_batch,
+                "history": history.epochs, "epoch_start_rng": torch.get_rng_state()})
         resume_meta = None
     model.eval()
     return history
