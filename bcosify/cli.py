@@ -126,23 +126,30 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def _model_from_args(args: argparse.Namespace):
     """``(BcosModel, original model or None)`` from a saved folder or a spec plus conversion options."""
-    import bcosify
-    from bcosify.weights import build_model
-
     spec_only = [flag for flag, given in (("--weights", args.weights is not None), ("--key-map", args.key_map),
                                           ("--model-kwargs", args.model_kwargs), ("--keep-bias", args.keep_bias),
                                           ("--b", args.b is not None)) if given]
-    if pathlib.Path(args.model).is_dir():
+    return _load_or_convert(args.model, args.weights, args.key_map, args.model_kwargs, spec_only,
+                            b=2.0 if args.b is None else args.b, keep_bias=args.keep_bias)
+
+
+def _load_or_convert(model: str, weights: str | None, key_map: str | None, model_kwargs: dict, spec_only: list[str],
+                     **convert_options):
+    """``(BcosModel, original model or None)``: a saved folder loaded, or a spec built and converted."""
+    import bcosify
+    from bcosify.weights import build_model
+
+    if pathlib.Path(model).is_dir():
         if spec_only:
             raise ValueError(f"{', '.join(spec_only)} apply to a model spec, not to a saved model folder")
-        return bcosify.load(args.model).eval(), None
-    if ":" not in args.model:
-        raise ValueError(f"MODEL must be a saved model folder or a spec such as timm:resnet18; {args.model!r} is "
-                         "neither")
-    weights = args.weights or "hub"
-    original = build_model(args.model, None if weights.lower() == "none" else weights, args.model_kwargs,
-                           args.key_map).eval()
-    return bcosify.convert(original, b=2.0 if args.b is None else args.b, keep_bias=args.keep_bias).eval(), original
+        return bcosify.load(model).eval(), None
+    if ":" not in model:
+        raise ValueError(f"MODEL must be a saved model folder or a spec such as timm:resnet18; {model!r} is neither")
+    weights = weights or "hub"
+    original = build_model(model, None if weights.lower() == "none" else weights, model_kwargs, key_map).eval()
+    # the spec and its arguments go into the config, so that bcosify.load rebuilds this very architecture
+    config = bcosify.BcosConfig(spec=model, model_kwargs=model_kwargs, **convert_options)
+    return bcosify.convert(original, config).eval(), original
 
 
 def _class_names(bmodel) -> list[str] | None:
@@ -301,6 +308,81 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configure_finetune(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="a shipped recipe name (bcosify.training.list_recipes()) or a recipe YAML file")
+    p.add_argument("--out", required=True, type=pathlib.Path,
+                   help="output folder: checkpoints/, metrics.jsonl (one JSON line per epoch), model/ (final model)")
+    p.add_argument("--model", help="the recipe's model instead: a spec (timm:NAME, torchvision:NAME, hf-hub:ORG/NAME), "
+                                   "converted with the recipe's options, or a saved bcosify model folder")
+    p.add_argument("--weights", help="for a spec: checkpoint file, 'hub' (default) or 'none' for random weights")
+    p.add_argument("--key-map", choices=["positional"], help="for a spec: match checkpoint tensors by order")
+    p.add_argument("--model-kwargs", type=json.loads, default={},
+                   help="for a spec: JSON constructor arguments (added to the recipe's)")
+    p.add_argument("--data", type=pathlib.Path,
+                   help="ImageFolder root with train/ and val/ (one sub-folder of images per class); for a "
+                        "fashion-mnist recipe: the folder of its IDX files")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the recipe's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, help="images per process and step (default: the recipe's global "
+                                                  "batch divided by the number of processes)")
+    p.add_argument("--grad-accum", type=int, help="micro-batches of --batch-size per update (default: the recipe's, "
+                                                  "else 1)")
+    p.add_argument("--workers", type=int, help="data loader workers per process (default: the recipe's, else 0)")
+    p.add_argument("--limit", type=int, help="fashion-mnist: use only the first N training and test images")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints")
+    p.add_argument("--seed", type=int, help="seed of the initialisation order and the data shuffle (default 0)")
+    p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda")
+    p.add_argument("--amp", choices=["auto", "off", "bf16"], help="bf16 autocast (default auto: on CUDA)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a converted model with a recipe; under torchrun --nproc-per-node=N, with N processes (DDP)."""
+    import torch
+
+    from .training import FinetuneConfig, load_recipe
+    from .training.data import DataConfig, build_datasets, folder_root, per_process_batch
+    from .training.distributed import world
+    from .training.run import MODEL, run_finetune
+
+    recipe = load_recipe(args.recipe)
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    data = DataConfig.from_dict(recipe.data)
+    changes = {k: v for k, v in (("workers", args.workers), ("limit", args.limit), ("val_limit", args.limit))
+               if v is not None}
+    if args.data is not None:
+        changes.update(folder_root(args.data) if data.dataset == "image-folder" else {"root": str(args.data)})
+    data = data.replace(**changes)
+    rank, world_size, _ = world()
+    batch = args.batch_size or per_process_batch(data.batch_size, world_size)
+    config = FinetuneConfig.from_dict(recipe.finetune).replace(**{k: v for k, v in (
+        ("epochs", args.epochs), ("lr", args.lr), ("grad_accum", args.grad_accum), ("seed", args.seed),
+        ("device", args.device), ("amp", args.amp))
+        if v is not None}, resume=args.resume, progress=not args.no_progress)
+    train, val, classes = build_datasets(data)
+    if config.seed is not None:
+        torch.manual_seed(config.seed)  # new layers (--weights none, a new classifier) start alike in every run
+    model = args.model or recipe.model
+    spec_only = [flag for flag, given in (("--weights", args.weights is not None), ("--key-map", args.key_map),
+                                          ("--model-kwargs", args.model_kwargs)) if given]
+    bmodel, original = _load_or_convert(model, args.weights, args.key_map,
+                                        {**recipe.model_kwargs, **args.model_kwargs},
+                                        spec_only, **{**recipe.convert, "num_classes": len(classes),
+                                                      "class_names": classes})
+    if (bmodel.num_classes, bmodel.in_chans) != (len(classes), data.channels):
+        raise ValueError(f"the model {model!r} takes {bmodel.in_chans} channels and has {bmodel.num_classes} "
+                         f"classes; the data have {data.channels} channels and {len(classes)} classes")
+    history = run_finetune(bmodel, train, val, config, args.out, batch_size=batch, workers=data.workers,
+                           class_names=classes, teacher=original if config.loss == "distill" else None)
+    if rank == 0:
+        last = history.epochs[-1] if history.epochs else {}
+        accuracy = f"; validation accuracy {last['val_accuracy']:.2%}" if "val_accuracy" in last else ""
+        print(f"fine-tuned {model} for {len(history.epochs)} epochs{accuracy}; saved to {args.out / MODEL}")
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {
     "demo": (cmd_demo, _configure_demo),
     "convert": (cmd_convert, _configure_convert),
@@ -308,6 +390,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argpars
     "export": (cmd_export, _configure_export),
     "explain": (cmd_explain, _configure_explain),
     "evaluate": (cmd_evaluate, _configure_evaluate),
+    "finetune": (cmd_finetune, _configure_finetune),
 }
 
 

@@ -7,15 +7,17 @@ import json
 import os
 import pathlib
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist, imagenet_categories, normalize, sample_photos
+from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, imagenet_categories, normalize, sample_photos
 from .errors import CheckpointError
-from .training import Recipe, evaluate, load_recipe, train_original
+from .training import FinetuneConfig, Recipe, evaluate, load_recipe, train_original
+from .training.data import DataConfig, build_datasets, build_loaders
+from .training.run import run_finetune
 from .utils import atomic_write
 from .weights import build_model
 
@@ -47,21 +49,16 @@ def efficientnet_lite0_checkpoint_path() -> pathlib.Path:
     return path
 
 
-def loaders(recipe: Recipe, limit: int | None = None) -> tuple[DataLoader, DataLoader]:
-    """Train and test loaders of the recipe's Fashion-MNIST data."""
-    data = recipe.data
-    if data.get("dataset") != "fashion-mnist":
-        raise ValueError(f"the demo runs Fashion-MNIST recipes only, not {data.get('dataset')!r}")
-    kwargs = dict(size=data.get("size"), channels=data.get("channels", 1), root=data.get("root"))
-    train = fashion_mnist("train", limit=limit or data.get("limit"), **kwargs)
-    test = fashion_mnist("test", limit=limit, **kwargs)
-    batch = data.get("batch_size", 128)
-    g = torch.Generator().manual_seed(0)
-    return (DataLoader(train, batch_size=batch, shuffle=True, generator=g, drop_last=True),
-            DataLoader(test, batch_size=512))
+def demo_data(recipe: Recipe, limit: int | None = None) -> DataConfig:
+    """The recipe's Fashion-MNIST data settings (``limit``: the first N training and test images)."""
+    data = DataConfig.from_dict(recipe.data)
+    if data.dataset != "fashion-mnist":
+        raise ValueError(f"the demo runs Fashion-MNIST recipes only, not {data.dataset!r}")
+    return data.replace(limit=limit or data.limit, val_limit=limit)
 
 
-def cached_original(recipe: Recipe, train: DataLoader, cache_dir: pathlib.Path, progress: bool = True) -> nn.Module:
+def cached_original(recipe: Recipe, train: DataLoader, cache_dir: pathlib.Path, mean: Sequence[float],
+                    std: Sequence[float], progress: bool = True) -> nn.Module:
     """The "existing checkpoint": a standard model trained on the recipe's data, cached in ``cache_dir``."""
     from safetensors.torch import load_file, save_file
 
@@ -75,7 +72,7 @@ def cached_original(recipe: Recipe, train: DataLoader, cache_dir: pathlib.Path, 
         model.load_state_dict(load_file(str(weights)))
         print(f"reusing the cached original model {weights}")
         return model.eval()
-    train_original(model, train, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
+    train_original(model, train, mean=mean, std=std,
                    epochs=recipe.original.get("epochs", 1), lr=recipe.original.get("lr", 1e-3), device="cpu",
                    progress=progress)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -95,23 +92,26 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = load_recipe(recipe)
-    train, test = loaders(spec, limit)
-    original = cached_original(spec, train, pathlib.Path(cache_dir) if cache_dir else DEFAULT_CACHE, progress)
-    original_accuracy = evaluate(original, test, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, progress=progress)
+    data = demo_data(spec, limit)
+    train_set, test_set, classes = build_datasets(data)
+    train, test = build_loaders(train_set, test_set, data.batch_size)
+    mean, std = spec.convert.get("mean", FASHION_MNIST_MEAN), spec.convert.get("std", FASHION_MNIST_STD)
+    original = cached_original(spec, train, pathlib.Path(cache_dir) if cache_dir else DEFAULT_CACHE, mean, std,
+                               progress)
+    original_accuracy = evaluate(original, test, mean=mean, std=std, progress=progress)
 
-    bmodel = bcosify.convert(original, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, **spec.convert)
-    finetune_options = {**spec.finetune, "progress": progress}
-    if epochs is not None:
-        finetune_options["epochs"] = epochs
-    history = bcosify.finetune(bmodel, train, **finetune_options)
-    bcosified_accuracy = evaluate(bmodel, test, progress=progress)
+    bmodel = bcosify.convert(original, **{"mean": mean, "std": std, **spec.convert})
+    config = FinetuneConfig.from_dict(spec.finetune).replace(progress=progress, **({} if epochs is None else
+                                                                                   {"epochs": epochs}))
+    history = run_finetune(bmodel, train_set, test_set, config, out, batch_size=data.batch_size,
+                           workers=data.workers, class_names=classes)  # what `bcosify finetune` runs
+    bcosified_accuracy = history.last("val_accuracy")
 
-    x, y = next(iter(DataLoader(test.dataset, batch_size=64)))
+    x, y = next(iter(DataLoader(test_set, batch_size=64)))
     explanation = bcosify.explain(bmodel.double(), x.double())  # float64: completeness to rounding error
     bmodel.float()
     completeness = explanation.completeness_error.max().item()
-    classes = list(test.dataset.classes)
-    bcosify.save(bmodel, out / "model", class_names=classes)
+    classes = list(classes)
     shown = explanation[:8]
     pictures = [viz.save_explanation_grid(out / "explanations.png", x[:8], shown, class_names=classes,
                                           labels=[f"true {classes[int(t)]}" for t in y[:8]])]
