@@ -22,7 +22,7 @@ from .weights import HUB, build_model
 
 def convert(model: nn.Module | str, config: BcosConfig | None = None, *, weights: str | os.PathLike | None = HUB,
             model_kwargs: dict[str, Any] | None = None, key_map: str | None = None,
-            rules: Mapping[type, Rule] | None = None, **options: Any) -> BcosModel:
+            rules: Mapping[type, Rule] | None = None, verify: bool | None = None, **options: Any) -> BcosModel:
     """Convert a pretrained image classifier into a B-cos network.
 
     Args:
@@ -34,6 +34,10 @@ def convert(model: nn.Module | str, config: BcosConfig | None = None, *, weights
         weights, model_kwargs, key_map: for a spec only; see :func:`bcosify.weights.build_model`.
         rules: extra ``{exact module type: Rule}`` entries for this call only (they take precedence over the
             built-in table; see :mod:`bcosify.surgery.rules`).
+        verify: check the conversion on a float64 copy and a small random input: equivalence at b=1 with biases
+            and completeness at b=2, recorded in the report; a failure raises ``ConversionError`` naming the first
+            module whose output diverges. Default: whenever a container was read from its graph or ``rules``
+            were given.
 
     Returns:
         a :class:`BcosModel` whose ``config`` holds every resolved value; ``.report`` says what happened to every
@@ -83,10 +87,24 @@ def convert(model: nn.Module | str, config: BcosConfig | None = None, *, weights
                             in_chans=info.in_chans, logit_bias=_logit_bias(config, num_classes),
                             model_class=config.model_class or type_name(model if isinstance(model, nn.Module)
                                                                         else network))
-    _encode_first_layer(network, info.first_layer_path, config, {**RULES, **(rules or {})})
-    report = convert_modules(network, config, info, rules)
-    bmodel = BcosModel(network, config, report)
+    table = {**RULES, **(rules or {})}
+    if verify is None:  # by default, whenever a forward will be read from its graph or a user rule applies
+        verify = bool(rules) or any(type(m) not in table for m in network.modules())
+    prepared = copy.deepcopy(network) if verify else None
+    bmodel = _convert_prepared(network, config, info, rules)
+    if verify:
+        from .surgery.verify import verify_conversion
+
+        bmodel.report.entries.append(verify_conversion(prepared, config, info.size,
+                                                       lambda net, cfg: _convert_prepared(net, cfg, trace(net), rules)))
     return bmodel.train(model.training if isinstance(model, nn.Module) else False)
+
+
+def _convert_prepared(network: nn.Module, config: BcosConfig, info, rules: Mapping[type, Rule] | None) -> BcosModel:
+    """The conversion proper, of a network whose classifier and pooling are final and config resolved."""
+    _encode_first_layer(network, info.first_layer_path, config, {**RULES, **(rules or {})})
+    network, report = convert_modules(network, config, info, rules)
+    return BcosModel(network, config, report)
 
 
 def _encode_first_layer(network: nn.Module, path: str, config: BcosConfig, rules: Mapping[type, Rule]) -> None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import re
 import sys
 
 import torch
+from readme_block import write_block
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' rescaling helper (until bcosify.calibrate exists)
@@ -58,11 +58,7 @@ def main() -> None:
     args = parser.parse_args()
     text = table()
     if args.write:
-        readme = args.write.read_text()
-        pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-        if not pattern.search(readme):
-            raise SystemExit(f"{args.write} has no {START} ... {END} markers")
-        args.write.write_text(pattern.sub(lambda _: f"{START}\n{text}\n{END}", readme))
+        write_block(args.write, START, END, text)
 
 
 if __name__ == "__main__":

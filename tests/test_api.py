@@ -150,9 +150,11 @@ def test_strict_false_leaves_and_reports_unknown_module():
     left = bmodel.report.leftovers
     assert [(e.path, e.old_type.rsplit(".", 1)[-1]) for e in left] == [("middle", "_Scale")]
     assert "left" in bmodel.report.table()
+    (verification,) = bmodel.report.by_action("verified")
+    assert "FAILED" in verification.note and "not dynamic linear" in verification.note
 
 
-def test_unregistered_custom_top_level_is_refused():
+def test_unregistered_custom_top_level_is_read_from_its_graph():
     class Unknown(nn.Module):
         def __init__(self):
             super().__init__()
@@ -161,8 +163,9 @@ def test_unregistered_custom_top_level_is_refused():
         def forward(self, x):
             return self.conv(x).mean((2, 3))
 
-    with pytest.raises(ConversionError, match="Unknown"):
-        bcosify.convert(Unknown(), mean=0.5, std=0.5)
+    bmodel = bcosify.convert(Unknown(), mean=0.5, std=0.5)
+    assert [e.path for e in bmodel.report.by_action("read")] == ["<model>"]
+    assert bmodel.report.by_action("verified")
 
 
 def test_custom_model_needs_normalisation():
@@ -323,5 +326,6 @@ def test_weight_standardised_convs_are_refused_by_path_and_type():
         bcosify.convert(model)
     message = str(info.value)
     assert "stem.conv: timm.layers.std_conv.StdConv2d" in message
-    assert "GroupNormAct" not in message  # convertible: only the unknown types are listed
-    assert "timm.models.resnetv2.ResNetV2" in message
+    assert "GroupNormAct" not in message  # convertible: only what blocks is listed
+    assert "F.conv2d at std_conv.py" in message  # the operation that blocks: the weight read functionally
+    assert "resnetv2.ResNetV2" not in message  # its own forward is linear glue, read from its graph

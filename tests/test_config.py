@@ -15,7 +15,7 @@ from bcosify.surgery import RULES, Rule
 
 
 class _Block(nn.Module):
-    """A container no rule knows: refused unless a rule is given."""
+    """A container no rule knows: its forward is read from its graph unless a rule is given."""
 
     def __init__(self):
         super().__init__()
@@ -95,10 +95,12 @@ def test_finetune_takes_a_config_object():
 
 def test_rules_per_call_extend_the_table_for_that_call_only():
     assert _Block not in RULES
-    with pytest.raises(bcosify.ConversionError, match="_Block"):
-        bcosify.convert(_Block(), mean=0.5, std=0.5)
+    assert bcosify.convert(_Block(), mean=0.5, std=0.5).report.by_action("read")
+    with pytest.raises(bcosify.ConversionError, match="_Block \\(not today\\)"):
+        bcosify.convert(_Block(), mean=0.5, std=0.5, rules={_Block: Rule("refuse", note="not today")})
     bmodel = bcosify.convert(_Block(), mean=0.5, std=0.5, rules={_Block: Rule("descend")})
-    assert type(bmodel.network.conv).__name__ == "BcosConv2d"
+    assert type(bmodel.network.conv).__name__ == "BcosConv2d" and not bmodel.report.by_action("read")
+    assert bmodel.report.by_action("verified"), "a user rule is verified"
     assert _Block not in RULES, "a per-call rule must not leak into the global table"
     with pytest.raises(ValueError, match="unknown rule action"):
         Rule("transmogrify")

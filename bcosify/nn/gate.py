@@ -29,3 +29,13 @@ class DetachedGate(DetachableModule):
         if self.explanation_mode:
             gate = gate.detach()
         return x * gate
+
+
+class ExplanationDetach(DetachableModule):
+    """Identity, except in explanation mode: then its output is detached (a gate read from a forward's graph
+    becomes a dynamic weight)."""
+
+    def forward(self, x):
+        if not self.explanation_mode:
+            return x
+        return x.detach() if isinstance(x, torch.Tensor) else type(x)(t.detach() for t in x)

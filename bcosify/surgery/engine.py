@@ -8,7 +8,8 @@ from torch import nn
 
 from ..config import BcosConfig
 from ..errors import ConversionError
-from .report import CONSTANT, GATED, KEPT, LEFT, REFUSED, REPLACED, UNUSED, ConversionReport
+from .graph import read_forward, rewrite
+from .report import CONSTANT, GATED, KEPT, LEFT, READ, REFUSED, REPLACED, UNUSED, ConversionReport
 from .rules import DESCEND, GATE, KEEP, REFUSE, RULES, Context, Rule
 from .trace import Trace
 
@@ -38,11 +39,13 @@ def _check_own_parameters(module: nn.Module, path: str, rule: Rule, report: Conv
 
 
 def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
-                    rules: Mapping[type, Rule] | None = None) -> ConversionReport:
-    """Replace, in place, every module of ``model`` through the rule table (``rules`` extend or override it for
-    this call); return the report.
+                    rules: Mapping[type, Rule] | None = None) -> tuple[nn.Module, ConversionReport]:
+    """Replace every module of ``model`` through the rule table (``rules`` extend or override it for this call);
+    a container no rule knows is converted when its forward, read from its graph, is exact glue. Returns the
+    converted model (``model`` itself unless its own forward had to be rewritten) and the report.
 
-    Raises ``ConversionError`` naming every refused module when ``config.strict``.
+    Raises ``ConversionError`` naming every refused module (and the operation that blocks it) when
+    ``config.strict``.
     """
     table = {**RULES, **(rules or {})}
     report = ConversionReport()
@@ -56,20 +59,38 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
         if id(module) in done:
             return done[id(module)]
         rule = table.get(type(module))
+        gate_children: set[str] = set()
         if rule is None and not used(module):
             report.add(path, module, UNUSED, note="unknown type, not called in forward; left as is")
             new = module
         elif rule is None or rule.action == DESCEND:
-            if rule is None:  # its own forward is unknown; its children are still converted (and listed)
-                report.add(path, module, REFUSED if config.strict else LEFT,
-                           note="unknown type on the value path" + ("" if config.strict else "; left as is"))
+            new = module
+            if rule is None:  # no rule: read what its forward does between its children
+                reading = read_forward(module)
+                if reading.ok:
+                    new = rewrite(module, reading)
+                    own = {n for n, _ in module.named_parameters(recurse=False)}
+                    _check_own_parameters(new, path, Rule(DESCEND, constants=tuple(reading.constants),
+                                                          scales=tuple(own - reading.constants)), report,
+                                          config.strict)
+                    report.add(path, module, READ, note=reading.summary() + ("; forward rewritten as an fx "
+                                                                             "GraphModule" if new is not module
+                                                                             else ""))
+                    gate_children = reading.gate_children
+                else:  # its children are still converted (and listed)
+                    report.add(path, module, REFUSED if config.strict else LEFT,
+                               note="; ".join(reading.blocking) + ("" if config.strict else "; left as is"))
             else:
                 _check_own_parameters(module, path, rule, report, config.strict)
-            for name, child in list(module.named_children()):
-                new_child = convert(child, f"{path}.{name}" if path else name)
+            for name, child in list(new.named_children()):
+                child_path = f"{path}.{name}" if path else name
+                if name in gate_children:
+                    report.add(child_path, child, GATED, note="computes a gate; kept as it is (detached in "
+                                                              "explanation mode)")
+                    continue
+                new_child = convert(child, child_path)
                 if new_child is not child:
-                    setattr(module, name, new_child)
-            new = module
+                    setattr(new, name, new_child)
         elif rule.action == KEEP:
             report.add(path, module, KEPT, note=rule.note)
             new = module
@@ -90,13 +111,11 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
         return new
 
     top = convert(model, "")
-    if top is not model:
-        raise ConversionError(f"the top-level model type {type(model).__name__} must be a container rule")
     refused = report.refused
     if refused:
         lines = "\n".join(f"  {e.path}: {e.old_type}" + (f" ({e.note})" if e.note else "") for e in refused)
         raise ConversionError(
             f"{len(refused)} module(s) on the value path have no exact conversion:\n{lines}\n"
             "Pass strict=False to leave them as they are (the model is then not guaranteed to be dynamic "
-            "linear), or teach bcosify their type with bcosify.surgery.register_rule.")
-    return report
+            "linear), or give a rule for their type: convert(..., rules={Type: Rule(...)}).")
+    return top, report

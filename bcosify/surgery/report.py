@@ -12,6 +12,8 @@ GATED = "gated"
 REFUSED = "refused"
 LEFT = "left (strict=False)"
 UNUSED = "unused"
+VERIFIED = "verified"  # the conversion-time verification (equivalence and completeness errors in the note)
+READ = "read"  # a container without a rule whose forward was read from its graph and found exact
 CONSTANT = "constant"  # a parameter added to the value path as a constant (explained per sample)
 
 

@@ -25,13 +25,18 @@ class Trace:
     in_chans: int
     classifier_path: str | None
     num_classes: int
+    size: int  # the square input size the model ran on
 
 
 def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(p, m) for p, m in model.named_modules() if next(iter(m.children()), None) is None]
 
 
-def _first_conv_in_chans(model: nn.Module) -> int:
+def _in_chans(model: nn.Module) -> int:
+    """Input channels: the model's own ``in_chans`` (timm), else the first ``Conv2d`` in module order."""
+    declared = getattr(model, "in_chans", None)
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+        return declared
     for _, m in model.named_modules():
         if isinstance(m, nn.Conv2d):
             return m.in_channels
@@ -52,7 +57,7 @@ def _input_sizes(model: nn.Module) -> list[int]:
 
 def trace(model: nn.Module) -> Trace:
     """Run ``model`` once on a dummy image to find its executed modules, first layer and classifier."""
-    in_chans = _first_conv_in_chans(model)
+    in_chans = _in_chans(model)
     param = next(iter(model.parameters()))
     names = {id(m): p for p, m in model.named_modules()}
     executed: list[nn.Module] = []
@@ -99,4 +104,5 @@ def trace(model: nn.Module) -> Trace:
         if type(module) in CLASSIFIER_TYPES:
             classifier_path = names[id(module)]
             break
-    return Trace({id(m) for m in executed}, [names[id(m)] for m in executed], first_path, in_chans, classifier_path, out.shape[1])
+    return Trace({id(m) for m in executed}, [names[id(m)] for m in executed], first_path, in_chans, classifier_path,
+                 out.shape[1], size)

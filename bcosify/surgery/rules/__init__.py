@@ -10,6 +10,7 @@ and torchvision rules are added when those libraries import. Extend the table fo
 from __future__ import annotations
 
 import importlib
+import warnings
 
 from .base import ACTIONS, DESCEND, GATE, KEEP, REFUSE, REPLACE, Builder, Context, Rule
 from .core import FIRST_LAYER_TYPES, LINEAR_TYPES
@@ -21,9 +22,15 @@ LIBRARIES: list[str] = []
 for _library in ("core", "timm", "torchvision"):
     try:
         _module = importlib.import_module(f"{__name__}.{_library}")
-    except ImportError as _error:  # the library is not installed: its models are not supported
+    except ImportError as _error:  # the library is not installed: its models are read from their graphs
         if _library == "core" or (_error.name or "").split(".")[0] != _library:
             raise
+        continue
+    except AttributeError as _error:  # a class renamed or removed by a newer release of the library
+        if _library == "core":
+            raise
+        warnings.warn(f"bcosify's {_library} rules do not match the installed {_library} ({_error}); its models "
+                      "are converted by reading their forwards (verified) or refused", RuntimeWarning, stacklevel=2)
         continue
     RULES.update(_module.RULES)
     LIBRARIES.append(_library)

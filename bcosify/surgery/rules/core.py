@@ -9,8 +9,8 @@ from torch import nn
 
 from ...errors import ConversionError
 from ...nn import (BcosConv2d, BcosLinear, DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d,
-                   DetachedGate, GatePath, SelfAttention, SplitQKV, UncenteredBatchNorm2d, gated, gelu_gate,
-                   gelu_tanh_gate, hardswish_gate, relu6_gate)
+                   DetachedGate, ExplanationDetach, GatedActivation, GatePath, SelfAttention, SplitQKV,
+                   UncenteredBatchNorm2d, gated, gelu_gate, gelu_tanh_gate, hardswish_gate, relu6_gate)
 from ...nn.head import ClassifierBeforePooling, MeanPatchTokens
 from ..report import GATED, REPLACED
 from .base import DESCEND, GATE, KEEP, REPLACE, Builder, Context, Rule
@@ -137,6 +137,9 @@ RULES: dict[type, Rule] = {
     **{t: Rule(KEEP) for t in (nn.Identity, nn.ReLU, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.AdaptiveAvgPool2d,
                                nn.AvgPool2d, nn.AdaptiveMaxPool2d, MeanPatchTokens)},
     nn.MaxPool2d: Rule(REPLACE, maxpool, "dynamic linear (selects an input)"),
+    # what reading a forward's graph inserts
+    GatedActivation: Rule(KEEP, note="functional activation as a gate (read from the graph)"),
+    ExplanationDetach: Rule(KEEP, note="gate, detached in explanation mode (read from the graph)"),
     # convolutions and linear layers on the value path
     nn.Conv2d: Rule(REPLACE, bcos_conv),
     nn.Linear: Rule(REPLACE, bcos_linear),

@@ -1,0 +1,453 @@
+"""Read what a container does between its children from its ``torch.fx`` graph.
+
+A container with no rule is traced with its children as leaves. Every operation between the children is
+classified against the value path (what the input flows through to the output):
+
+- linear in the value path (add, sub, cat, stack, reshapes, split/getitem, zero padding, roll, mean/sum,
+  average pooling, interpolation, multiplication or division by a value-independent tensor),
+- a selection (ReLU, max pooling, maximum),
+- a functional activation ``f`` with ``f(0) = 0`` (``F.gelu``, ``F.silu``, ...): rewritten as ``x * g(x)`` with
+  the gate ``g = f(x) / x`` detached in explanation mode,
+- a gate: a factor computed through sigmoid/softmax/tanh/a norm from the input and multiplied with the value
+  path (squeeze-excite, attention, GRN): detached in explanation mode; the children that only compute a gate
+  stay as they are,
+- constants (own parameters or buffers added to the value path) and scales (own parameters multiplying it).
+
+Anything else (a product of two value-path tensors, a nonlinear function of the value path, a constant number
+added to it, a child's weight read functionally) blocks the conversion, named with its source line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import operator
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import ExplanationDetach, GatedActivation, ratio_gate
+
+VALUE, CONST, GATE = "value", "constant", "gate"
+
+# --- what the operations are ---------------------------------------------------------------------
+
+_LINEAR_FUNCTIONS = {
+    operator.add, operator.sub, operator.neg, operator.pos, operator.getitem, operator.iadd, operator.isub,
+    torch.add, torch.sub, torch.subtract, torch.neg, torch.cat, torch.concat, torch.concatenate, torch.stack,
+    torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.squeeze,
+    torch.unsqueeze, torch.split, torch.chunk, torch.unbind, torch.roll, torch.narrow, torch.flip, torch.mean,
+    torch.sum, torch.t, torch.tile, torch.repeat_interleave, torch.clone,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.interpolate,
+    F.pixel_shuffle, F.pixel_unshuffle, F.dropout, F.dropout1d, F.dropout2d, F.unfold, F.fold,
+}
+_LINEAR_METHODS = {
+    "add", "add_", "sub", "sub_", "neg", "view", "view_as", "reshape", "reshape_as", "permute", "transpose",
+    "flatten", "unflatten", "contiguous", "squeeze", "unsqueeze", "expand", "expand_as", "repeat", "split",
+    "chunk", "unbind", "mean", "sum", "narrow", "roll", "flip", "to", "type_as", "float", "double", "half",
+    "bfloat16", "clone", "movedim", "swapaxes", "__getitem__", "t", "unfold", "tile", "repeat_interleave",
+}
+#: functions of tensors that never carry a value (shapes, dtypes, devices)
+_META_METHODS = {"size", "dim", "numel", "ndimension", "__len__", "get_device", "is_contiguous"}
+_META_FUNCTIONS = {getattr, len, torch.numel, isinstance, int, float, math.sqrt}
+_SELECTIONS = {F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+               F.adaptive_max_pool2d, torch.maximum, torch.amax}
+_SELECTION_METHODS = {"relu", "relu_", "amax", "maximum"}
+#: bilinear operations: linear in the value path when every other operand is a constant or a gate
+_PRODUCTS = {operator.mul, operator.imul, torch.mul, torch.multiply, operator.matmul, torch.matmul, torch.bmm,
+             torch.einsum, F.linear}
+_PRODUCT_METHODS = {"mul", "mul_", "matmul", "bmm"}
+_DIVISIONS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide}
+_DIVISION_METHODS = {"div", "div_"}
+#: nonlinear functions whose output, multiplied with the value path, is a gate (detached in explanation mode)
+_GATE_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid, torch.softmax, F.softmax, torch.tanh, F.tanh,
+                   torch.norm, torch.linalg.vector_norm, torch.std, torch.var, torch.rsqrt, torch.sqrt, torch.pow,
+                   torch.exp}
+_GATE_METHODS = {"sigmoid", "softmax", "tanh", "norm", "std", "var", "rsqrt", "sqrt", "pow", "exp"}
+_GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Softmax2d, nn.Tanh)
+#: elementwise activations with f(0) = 0: on the value path they become gated activations
+_ACTIVATIONS = {F.gelu: "gelu", F.silu: "silu", F.hardswish: "hardswish", F.mish: "mish", F.relu6: "relu6",
+                F.leaky_relu: "leaky_relu", F.elu: "elu", F.selu: "selu", F.celu: "celu", torch.tanh: "tanh",
+                F.tanh: "tanh", F.softsign: "softsign", F.hardtanh: "hardtanh"}
+_ACTIVATION_METHODS = {"tanh": "tanh"}
+
+
+def _register_library_gates() -> tuple[type, ...]:
+    """timm's sigmoid-like activation modules are gate sources too."""
+    try:
+        import timm.layers.activations as act
+    except ImportError:  # pragma: no cover
+        return ()
+    return tuple(getattr(act, name) for name in ("Sigmoid", "HardSigmoid", "Tanh") if hasattr(act, name))
+
+
+_GATE_MODULES = _GATE_MODULES + _register_library_gates()
+
+
+@dataclass
+class Reading:
+    """What a container's forward does between its children.
+
+    Attributes:
+        blocking: one line per operation that has no exact B-cos form (``op at file:line: why``).
+        constants, scales: own parameters (or buffers) added to / multiplying the value path.
+        gate_children: names of children that only compute gates (kept as they are).
+        graph: the traced graph (``None`` when tracing failed).
+        rewrites: number of gate sources and functional activations to make detachable.
+    """
+
+    blocking: list[str] = field(default_factory=list)
+    constants: set[str] = field(default_factory=set)
+    scales: set[str] = field(default_factory=set)
+    gate_children: set[str] = field(default_factory=set)
+    value_children: set[str] = field(default_factory=set)
+    graph: fx.Graph | None = None
+    gate_nodes: list[fx.Node] = field(default_factory=list)
+    gate_edges: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)
+    activation_nodes: list[fx.Node] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.blocking
+
+    @property
+    def rewrites(self) -> int:
+        return len(self.gate_nodes) + len(self.gate_edges) + len(self.activation_nodes)
+
+    def summary(self) -> str:
+        parts = ["forward read from its graph"]
+        if self.gate_nodes or self.gate_edges:
+            parts.append(f"{len(self.gate_nodes) + len(self.gate_edges)} gate(s) detached")
+        if self.activation_nodes:
+            parts.append(f"{len(self.activation_nodes)} functional activation(s) gated")
+        if self.gate_children:
+            parts.append(f"gate path kept: {', '.join(sorted(self.gate_children))}")
+        return "; ".join(parts)
+
+
+class _ChildrenAsLeaves(fx.Tracer):
+    """Traces one container's own forward: every submodule call is a leaf."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=_notrace_functions())
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _notrace_functions() -> tuple[Callable, ...]:
+    try:
+        from timm.layers import get_notrace_functions
+    except ImportError:  # pragma: no cover
+        return ()
+    return tuple(f for f in get_notrace_functions() if callable(f))
+
+
+def _concrete_args(module: nn.Module) -> dict[str, Any]:
+    """Every forward argument after the first that has a default, fixed at that default."""
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in parameters[1:]
+            if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _where(node: fx.Node) -> str:
+    """``file:line`` of the source line that created ``node`` (the innermost frame outside torch)."""
+    trace = node.meta.get("stack_trace") or getattr(node, "stack_trace", None) or ""
+    for line in reversed(trace.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("File ") and '"' in line:
+            path = line.split('"')[1]
+            if not path.startswith(_TORCH_DIR):
+                number = line.split("line ")[1].split(",")[0] if "line " in line else "?"
+                return f"{os.path.basename(path)}:{number}"
+    return "unknown line"
+
+
+def _name(node: fx.Node) -> str:
+    """How the source names the operation: ``torch.cat``, ``F.gelu``, ``Tensor.view``, ``mul``..."""
+    target = node.target
+    if node.op == "call_method":
+        return f"Tensor.{target}"
+    name = getattr(target, "__name__", None) or str(target)
+    if getattr(F, name, None) is target:
+        return f"F.{name}"
+    if getattr(torch, name, None) is target:
+        return f"torch.{name}"
+    return name
+
+
+def read_forward(module: nn.Module) -> Reading:
+    """Trace ``module``'s forward with its children as leaves and classify every operation between them."""
+    reading = Reading()
+    try:
+        graph = _ChildrenAsLeaves().trace(module, concrete_args=_concrete_args(module) or None)
+    except Exception as error:  # noqa: BLE001 - any tracing failure means the forward cannot be read
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        reading.blocking.append(f"its forward cannot be traced by torch.fx ({type(error).__name__}: {detail})")
+        return reading
+    reading.graph = graph
+    own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+    children = dict(module.named_modules())
+    walk = _Walk(own, children)
+    for node in graph.nodes:
+        walk.visit(node)
+    on_value_path = walk.value_path(graph)
+    for node, checks in walk.pending.items():
+        if node in on_value_path:
+            for check, payload in checks:
+                if check == "block":
+                    reading.blocking.append(f"{_name(node)} at {_where(node)}: {payload}")
+                elif check == "constant":
+                    reading.constants |= payload
+                elif check == "scale":
+                    reading.scales |= payload
+                elif check == "activation":
+                    reading.activation_nodes.append(node)
+    reading.gate_nodes = [n for n in walk.gate_sources if n in on_value_path]
+    reading.gate_edges = [(a, b) for a, b in walk.gate_edges if b in on_value_path]
+    for node in graph.nodes:
+        if node.op == "call_module":
+            top = str(node.target).split(".")[0]
+            if node in on_value_path and node not in walk.gate_sources:
+                reading.value_children.add(top)
+            else:
+                reading.gate_children.add(top)
+    reading.gate_children -= reading.value_children
+    return reading
+
+
+class _Walk:
+    """Forward pass over a graph: the kind of every node (value, constant, gate), the gate sources, and the
+    checks to apply to the nodes that turn out to be on the value path."""
+
+    def __init__(self, own: dict[str, torch.Tensor], children: dict[str, nn.Module]) -> None:
+        self.own, self.children = own, children
+        self.kinds: dict[fx.Node, str] = {}
+        self.sources: dict[fx.Node, set[str]] = {}  # own tensors each constant derives from
+        self.gate_sources: list[fx.Node] = []
+        self.gate_edges: list[tuple[fx.Node, fx.Node]] = []  # (producer, consumer): detach this use only
+        self.pending: dict[fx.Node, list[tuple[str, Any]]] = {}
+
+    def kind(self, arg: Any) -> str:
+        return self.kinds.get(arg, CONST) if isinstance(arg, fx.Node) else CONST
+
+    def check(self, node: fx.Node, what: str, payload: Any) -> None:
+        self.pending.setdefault(node, []).append((what, payload))
+
+    def value_path(self, graph: fx.Graph) -> set[fx.Node]:
+        """Nodes the output depends on without passing through a gate source (gate sources included)."""
+        seen: set[fx.Node] = set()
+        stack = [n for n in graph.nodes if n.op == "output"]
+        sources = set(self.gate_sources)
+        cut = set(self.gate_edges)
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node not in sources:
+                stack.extend(a for a in node.all_input_nodes if (a, node) not in cut)
+        return seen
+
+    def visit(self, node: fx.Node) -> None:
+        inputs = node.all_input_nodes
+        kinds = [self.kind(a) for a in _flat_args(node)]
+        if node.op == "placeholder":
+            self.kinds[node] = VALUE
+        elif node.op == "get_attr":
+            self.kinds[node] = CONST
+            self.sources[node] = {str(node.target)}
+            if str(node.target) not in self.own:
+                self.check(node, "block", f"reads the tensor {node.target} of a child directly (a layer used "
+                                          "functionally)")
+        elif node.op == "output":
+            outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
+            out_kinds = {self.kind(a) for a in outs}
+            self.kinds[node] = VALUE if VALUE in out_kinds else (GATE if GATE in out_kinds else CONST)
+            if self.kinds[node] != VALUE:
+                self.check(node, "block", "the output does not depend linearly on the input")
+        elif VALUE not in kinds and GATE not in kinds:
+            self.kinds[node] = CONST  # computed from constants and shapes only
+            self.sources[node] = set().union(*(self.sources.get(a, set()) for a in inputs)) if inputs else set()
+        elif node.op == "call_module":
+            if isinstance(self.children.get(str(node.target)), _GATE_MODULES) and VALUE in kinds:
+                self.kinds[node] = GATE
+                self.gate_sources.append(node)
+            else:
+                self.kinds[node] = VALUE if VALUE in kinds else GATE
+        else:
+            self.kinds[node] = self._call(node, inputs, kinds)
+
+    def _call(self, node: fx.Node, inputs: list[fx.Node], kinds: list[str]) -> str:
+        """The kind of a function or method call that involves the value path or a gate."""
+        target, method = node.target, node.op == "call_method"
+
+        def any_of(functions, methods) -> bool:
+            return (method and target in methods) or (not method and target in functions)
+
+        if any_of(_META_FUNCTIONS, _META_METHODS):
+            return CONST
+        if VALUE not in kinds:
+            return GATE  # a function of gates (and constants) is still a gate
+        if any_of(_ACTIVATIONS, _ACTIVATION_METHODS) and not _feeds_a_product(node):
+            if [self.kind(a) for a in node.args[:1]] != [VALUE] or kinds.count(VALUE) != 1:
+                self.check(node, "block", "an activation of several value-path tensors")
+            self.check(node, "activation", None)
+            return VALUE
+        if any_of(_GATE_FUNCTIONS, _GATE_METHODS):
+            self.gate_sources.append(node)
+            return GATE
+        if target is F.scaled_dot_product_attention:  # softmax(q k^T) v: q and k are a gate, v the value path
+            q, k, v = (list(node.args) + [node.kwargs.get(n) for n in ("query", "key", "value")])[:3]
+            for gate_input in (q, k):
+                if self.kind(gate_input) == VALUE:
+                    self.gate_edges.append((gate_input, node))
+            if self.kind(v) != VALUE:
+                self.check(node, "block", "attention whose values are not on the value path")
+            return VALUE
+        if any_of(_LINEAR_FUNCTIONS, _LINEAR_METHODS):
+            self._additive(node, inputs)
+            return VALUE
+        if any_of(_SELECTIONS, _SELECTION_METHODS):
+            if GATE in kinds:
+                self.check(node, "block", "a selection between the value path and a gate")
+            return VALUE
+        if any_of(_PRODUCTS, _PRODUCT_METHODS):
+            if kinds.count(VALUE) > 1:
+                self.check(node, "block", "a product of two value-path tensors (no gate between them)")
+            for a in inputs:
+                if self.kind(a) == CONST:
+                    self.check(node, "scale", self.sources.get(a, set()))
+            return VALUE
+        if any_of(_DIVISIONS, _DIVISION_METHODS):
+            divisor = node.args[1] if len(node.args) > 1 else None
+            if self.kind(divisor) == VALUE:
+                self.check(node, "block", "a division by the value path")
+            elif isinstance(divisor, fx.Node) and self.kind(divisor) == CONST:
+                self.check(node, "scale", self.sources.get(divisor, set()))
+            return VALUE
+        if target is F.pad:
+            value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
+            mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+            if mode == "constant" and value not in (0, 0.0, None):
+                self.check(node, "block", f"pads the value path with {value}, a constant no pixel accounts for")
+            return VALUE
+        self.check(node, "block", "an operation bcosify has no exact form for on the value path")
+        return VALUE
+
+    def _additive(self, node: fx.Node, inputs: list[fx.Node]) -> None:
+        """Constants added to the value path are declared; gates and plain numbers added to it are refused."""
+        additive = (node.target in _ADDITIVE_FUNCTIONS) or (node.op == "call_method" and
+                                                            node.target in _ADDITIVE_METHODS)
+        if not additive:
+            return
+        for a in inputs:
+            if self.kind(a) == GATE:
+                self.check(node, "block", "adds a gate (a nonlinear function of the input) to the value path")
+            elif self.kind(a) == CONST:
+                names = self.sources.get(a, set())
+                if names:
+                    self.check(node, "constant", names)
+                else:
+                    self.check(node, "block", "adds a tensor computed from no parameter to the value path")
+        numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool) and a != 0]
+        if numbers and node.target not in _JOINS:
+            self.check(node, "block", f"adds the number {numbers[0]} to the value path, a constant no pixel "
+                                      "accounts for")
+
+
+_JOINS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+_ADDITIVE_FUNCTIONS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
+                       torch.subtract} | _JOINS
+_ADDITIVE_METHODS = {"add", "add_", "sub", "sub_"}
+
+
+def _flat_args(node: fx.Node) -> list[fx.Node]:
+    """Every node among ``node``'s arguments, repeats included (``y * y`` has two)."""
+    out: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: out.append(a) or a)
+    return out
+
+
+def _feeds_a_product(node: fx.Node) -> bool:
+    """Whether ``node`` is multiplied with (or divides) something: then tanh is a gate, not an activation."""
+    return any((user.op == "call_method" and user.target in _PRODUCT_METHODS | _DIVISION_METHODS) or
+               (user.op == "call_function" and (user.target in _PRODUCTS or user.target in _DIVISIONS))
+               for user in node.users)
+
+
+# --- rewriting: make gates and functional activations detachable -----------------------------------
+
+
+class _Functional(nn.Module):
+    """``fn(x, *args, **kwargs)`` as a module (for a functional activation read from a graph)."""
+
+    def __init__(self, fn: Callable, args: tuple, kwargs: dict, name: str) -> None:
+        super().__init__()
+        self.fn, self.args, self.kwargs, self.name = fn, args, kwargs, name
+
+    def forward(self, x):
+        if isinstance(self.fn, str):
+            return getattr(x, self.fn)(*self.args, **self.kwargs)
+        return self.fn(x, *self.args, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+def rewrite(module: nn.Module, reading: Reading) -> nn.Module:
+    """``module`` with its gates detached and its functional activations gated in explanation mode: an
+    ``fx.GraphModule`` that keeps every child, parameter and buffer under its own name."""
+    if not reading.rewrites:
+        return module
+    graph = reading.graph
+    new_modules: dict[str, nn.Module] = {}
+    for i, node in enumerate(reading.gate_nodes):
+        name = f"bcos_gate_{i}"
+        new_modules[name] = ExplanationDetach()
+        with graph.inserting_after(node):
+            detached = graph.call_module(name, (node,))
+        node.replace_all_uses_with(detached, delete_user_cb=lambda user: user is not detached)
+    for j, (producer, consumer) in enumerate(reading.gate_edges):
+        name = f"bcos_gate_{len(reading.gate_nodes) + j}"
+        new_modules[name] = ExplanationDetach()
+        with graph.inserting_before(consumer):
+            detached = graph.call_module(name, (producer,))
+        consumer.replace_input_with(producer, detached)
+    for i, node in enumerate(reading.activation_nodes):
+        name = f"bcos_act_{i}"
+        fn = node.target
+        label = _ACTIVATIONS.get(fn) or _ACTIVATION_METHODS.get(fn, str(fn))
+        if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
+            raise ValueError(f"{_name(node)} at {_where(node)}: activation arguments computed in the forward")
+        act = _Functional(fn, tuple(node.args[1:]), dict(node.kwargs), label)
+        new_modules[name] = GatedActivation(act, ratio_gate(act), label)
+        with graph.inserting_after(node):
+            gated = graph.call_module(name, (node.args[0],))
+        node.replace_all_uses_with(gated)
+        graph.erase_node(node)
+    for name, new in new_modules.items():
+        module.add_module(name, new)
+    rebuilt = fx.GraphModule(module, graph, class_name=f"{type(module).__name__}Read")
+    # the original children, parameters and buffers, all of them under their own names (fx copies only what
+    # the graph uses, and dotted targets as bare containers)
+    for name, child in module.named_children():
+        rebuilt.add_module(name, child)
+    for name, param in module.named_parameters(recurse=False):
+        rebuilt.register_parameter(name, param)
+    for name, buffer in module.named_buffers(recurse=False):
+        rebuilt.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
+    rebuilt.train(module.training)
+    return rebuilt

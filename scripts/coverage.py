@@ -1,0 +1,194 @@
+"""Coverage of the timm registry and torchvision's classifiers: which architectures convert exactly.
+
+For one model per timm architecture module (the smallest by parameter count) and every torchvision
+classification builder: build it randomly initialised in float64 (random BatchNorm statistics), run
+``bcosify.convert(model, verify=True)`` (equivalence at b=1 with biases, completeness at b=2, on a small random
+input) and record: exact / refused (the first reason) / crashed (the exception) / too big. Writes a JSON file
+and, with ``--write README.md``, the table between the README's coverage markers.
+
+    python scripts/coverage.py --json benchmarks/results/coverage.json --write README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import pathlib
+import re
+import signal
+import sys
+import time
+import warnings
+
+import torch
+from readme_block import write_block
+from torch import nn
+
+import bcosify
+
+START, END = "<!-- coverage-table:start -->", "<!-- coverage-table:end -->"
+MAX_PARAMS = 150e6
+
+
+class _Timeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: int):
+    def expire(signum, frame):
+        raise _Timeout(f"over {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _param_count(build) -> float:
+    with torch.device("meta"):
+        model = build()
+    return sum(p.numel() for p in model.parameters())
+
+
+def timm_candidates() -> list[tuple[str, str, float]]:
+    """(architecture module, model name, parameters) of the smallest model of every timm architecture module."""
+    import timm
+
+    out = []
+    for module in sorted(timm.list_modules()):
+        names = timm.list_models(module=module)
+        if not names:
+            continue
+        counted = []
+        for name in names:
+            try:
+                counted.append((_param_count(lambda: timm.create_model(name, num_classes=10)), name))
+            except Exception:  # noqa: BLE001 - models that cannot be built on the meta device are counted last
+                counted.append((float("inf"), name))
+        params, name = min(counted)
+        out.append((module, name, params))
+    return out
+
+
+def torchvision_candidates() -> list[tuple[str, str, float]]:
+    import torchvision.models as tvm
+
+    out = []
+    for name in tvm.list_models(module=tvm):
+        try:
+            params = _param_count(lambda: tvm.get_model(name, num_classes=10))
+        except Exception:  # noqa: BLE001
+            params = float("inf")
+        out.append((tvm.get_model_builder(name).__module__.rsplit(".", 1)[-1], name, params))
+    return out
+
+
+def _randomise(model: nn.Module) -> nn.Module:
+    """Random BatchNorm statistics and non-zero zero-initialised weights, so equivalence is not vacuous."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator, dtype=torch.float64) * .1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator, dtype=torch.float64) + .5)
+        for p in model.parameters():
+            if p.dim() >= 2 and not bool(p.any()):
+                p.normal_(std=0.02, generator=generator)
+    return model
+
+
+def _build(source: str, name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if source == "timm":
+        import timm
+
+        try:  # transformers built for a small image where the constructor allows it
+            return timm.create_model(name, num_classes=10, img_size=64)
+        except Exception:  # noqa: BLE001
+            return timm.create_model(name, num_classes=10)
+    import torchvision.models as tvm
+
+    kwargs = {"num_classes": 10}
+    if name.startswith(("googlenet", "inception")):
+        kwargs["aux_logits"], kwargs["init_weights"] = False, False
+    return tvm.get_model(name, **kwargs)
+
+
+def check(source: str, name: str, params: float, limit: int) -> dict:
+    row = {"library": source, "model": name, "params_m": round(params / 1e6, 2) if params != float("inf") else None}
+    if params > MAX_PARAMS:
+        return {**row, "status": "too big", "reason": f"{params / 1e6:.0f}M parameters (limit {MAX_PARAMS / 1e6:.0f}M)"}
+    start = time.perf_counter()
+    try:
+        with _time_limit(limit), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = _randomise(_build(source, name).double().eval())
+            bmodel = bcosify.convert(model, verify=True)
+        (entry,) = bmodel.report.by_action("verified")
+        numbers = dict(re.findall(r"(equivalence|completeness) ([0-9.e+-]+)", entry.note))
+        degenerate = "not informative" in entry.note
+        row.update(status="exact (degenerate logits)" if degenerate else "exact",
+                   equivalence=float(numbers["equivalence"]), completeness=float(numbers["completeness"]),
+                   read=len(bmodel.report.by_action("read")))
+    except bcosify.ConversionError as error:
+        lines = [line.strip() for line in str(error).splitlines()[1:] if line.startswith("  ")] or [str(error)]
+        row.update(status="refused", reason=lines[0][:300], refused_modules=len(lines))
+    except _Timeout as error:
+        row.update(status="timeout", reason=str(error))
+    except Exception as error:  # noqa: BLE001 - a crash is a finding, recorded as such
+        row.update(status="crashed", reason=f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}")
+    row["seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    counts = collections.Counter((r["library"], r["status"].split(" ")[0]) for r in rows)
+    lines = []
+    for library in ("timm", "torchvision"):
+        total = sum(n for (lib, _), n in counts.items() if lib == library)
+        exact = counts[(library, "exact")]
+        fits = total - counts[(library, "too")]
+        lines.append(f"- {library}: {exact} of {fits} architectures that fit this machine convert exactly "
+                     f"({exact / max(fits, 1):.0%}); " + ", ".join(f"{n} {status}" for (lib, status), n in
+                                                                 sorted(counts.items()) if lib == library))
+    lines += ["", "| library | module | model | status | equivalence | completeness | reason |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        eq = f"{r['equivalence']:.0e}" if "equivalence" in r else ""
+        comp = f"{r['completeness']:.0e}" if "completeness" in r else ""
+        reason = (r.get("reason") or "").replace("|", "\\|")
+        lines.append(f"| {r['library']} | {r['module']} | `{r['model']}` | {r['status']} | {eq} | {comp} | {reason} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=pathlib.Path, default=pathlib.Path("benchmarks/results/coverage.json"))
+    parser.add_argument("--write", type=pathlib.Path, help="README to update between the coverage markers")
+    parser.add_argument("--limit", type=int, default=120, help="seconds per model")
+    parser.add_argument("--only", help="regular expression on model names (a partial run)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    candidates = [("timm", *c) for c in timm_candidates()] + [("torchvision", *c) for c in torchvision_candidates()]
+    if args.only:
+        candidates = [c for c in candidates if re.search(args.only, c[2])]
+    rows = []
+    for i, (source, module, name, params) in enumerate(candidates, 1):
+        row = {"module": module, **check(source, name, params, args.limit)}
+        rows.append(row)
+        print(f"[{i}/{len(candidates)}] {source}:{name} {row['status']} {row.get('reason', '')[:120]} "
+              f"({row.get('seconds', 0)} s)", flush=True)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+    if args.write:
+        write_block(args.write, START, END, table(rows))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Containers without a rule: their forward is read from its torch.fx graph, converted when exact, refused with the
+operation and source line when not, and every such conversion is verified in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import bcosify
+from bcosify import ConversionError
+from bcosify.surgery import Rule
+from bcosify.surgery.graph import read_forward
+from helpers import rescale_bcos_layers
+
+
+class Glue(nn.Module):
+    """The issue's example: concatenation, a functional GELU and a residual add, no rule anywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.branch = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        y = self.stem(x)
+        z = torch.cat([y, F.gelu(self.branch(y)) + y], dim=1)
+        return self.fc(z.mean((2, 3)))
+
+
+class Squared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc((y * y).mean((2, 3)))  # not dynamic linear: no gate between the factors
+
+
+class SqueezeExcite(nn.Module):
+    """A gate computed by children (kept as they are), a layer scale and a positional constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.reduce = nn.Conv2d(4, 2, 1)
+        self.expand = nn.Conv2d(2, 4, 1)
+        self.gamma = nn.Parameter(torch.full((4, 1, 1), 0.7))
+        self.pos = nn.Parameter(torch.randn(1, 4, 1, 1))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        gate = torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        return self.fc(((x * gate) * self.gamma + self.pos).mean((2, 3)))
+
+
+class TokenAttention(nn.Module):
+    """Self-attention through F.scaled_dot_product_attention: q and k are a gate, v the value path."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, stride=4)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = t + F.scaled_dot_product_attention(self.q(t), self.k(t), self.v(t))
+        return self.head(t.mean(1))
+
+
+def _images(n: int = 2, size: int = 16) -> torch.Tensor:
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+
+def _verified(bmodel) -> str:
+    (entry,) = bmodel.report.by_action("verified")
+    return entry.note
+
+
+@pytest.mark.parametrize("make", [Glue, SqueezeExcite, TokenAttention])
+def test_linear_glue_converts_without_a_rule_and_is_exact(make):
+    torch.manual_seed(0)
+    original = make().double().eval()
+    exact = bcosify.convert(original, b=1, keep_bias=True, mean=0.5, std=0.25).eval()
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(exact(x), original((x - 0.5) / 0.25), rtol=1e-10, atol=1e-12)
+    assert "equivalence" in _verified(exact) and exact.report.by_action("read")
+    bmodel = rescale_bcos_layers(bcosify.convert(original, mean=0.5, std=0.25), _images(4)).eval()
+    e = bcosify.explain(bmodel, x)
+    assert bool((e.explained_logit.abs() > 1e-3).all())
+    assert e.completeness_error.max().item() < 1e-10
+
+
+def test_product_of_value_path_tensors_is_refused_naming_the_line():
+    with pytest.raises(ConversionError) as info:
+        bcosify.convert(Squared(), mean=0.5, std=0.25)
+    message = str(info.value)
+    assert "Squared" in message and "a product of two value-path tensors" in message
+    assert "test_graph.py:42" in message  # the line `y * y` stands on
+
+
+def test_reading_classifies_gates_constants_and_scales():
+    reading = read_forward(SqueezeExcite())
+    assert reading.ok and reading.constants == {"pos"} and "gamma" in reading.scales
+    assert reading.gate_children == {"reduce", "expand"} and reading.value_children == {"conv", "fc"}
+    assert len(reading.gate_nodes) == 1
+    bmodel = bcosify.convert(SqueezeExcite(), mean=0.5, std=0.25)
+    network = bmodel.network
+    assert type(network.reduce) is nn.Conv2d and network.reduce.bias is not None, "gate path kept as it is"
+    assert type(network.conv).__name__ == "BcosConv2d" and bmodel.constants == ["pos"]
+    kept = {"gamma", "pos", "conv.weight", "reduce.weight", "reduce.bias", "expand.weight", "expand.bias", "fc.weight"}
+    assert set(dict(network.named_parameters())) == kept, "state-dict names are kept (value-path biases go)"
+
+
+@pytest.mark.parametrize("body, message", [
+    ("return self.fc(self.conv(x).mean((2, 3)) + 1)", "adds the number 1"),
+    ("return self.fc(torch.erf(self.conv(x)).mean((2, 3)))", "torch.erf at .*no exact form"),
+    ("return self.fc(F.conv2d(self.conv(x), self.mix.weight).mean((2, 3)))", "reads the tensor mix.weight"),
+    ("return self.fc(torch.sigmoid(self.conv(x)).mean((2, 3)))", "does not depend linearly"),
+    ("return self.fc(self.conv(x).mean((2, 3)) if x.sum() > 0 else self.conv(x).amax((2, 3)))", "cannot be traced"),
+])
+def test_what_blocks_a_forward_is_named(body, message):
+    namespace = {"nn": nn, "torch": torch, "F": F}
+    exec("class Net(nn.Module):\n"
+         "    def __init__(self):\n"
+         "        super().__init__()\n"
+         "        self.conv = nn.Conv2d(3, 4, 3, padding=1)\n"
+         "        self.mix = nn.Conv2d(4, 4, 1)\n"
+         "        self.fc = nn.Linear(4, 3)\n"
+         "    def forward(self, x):\n"
+         f"        {body}\n", namespace)
+    with pytest.raises(ConversionError, match=message):
+        bcosify.convert(namespace["Net"](), mean=0.5, std=0.25)
+
+
+def test_torchvision_alexnet_converts_top_level_included():
+    bmodel = bcosify.convert(torchvision.models.alexnet(num_classes=4))
+    assert [e.path for e in bmodel.report.by_action("read")] == ["<model>"]
+    assert "completeness" in _verified(bmodel)
+
+
+def test_verification_catches_wrong_rules():
+    class Shift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x) * 2 + 0.5
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.shift = Shift()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.shift(self.stem(x)).mean((2, 3)))
+
+    # a rule that hides an added constant: exact at b=1 with biases, but not dynamic linear
+    with pytest.raises(ConversionError, match="contributions miss the logit"):
+        bcosify.convert(Net(), mean=0.5, std=0.25, rules={Shift: Rule("descend")})
+    assert bcosify.convert(Net(), mean=0.5, std=0.25, rules={Shift: Rule("descend")}, verify=False)
+    # a rule whose replacement computes another function: named by the first module whose output differs
+    wrong = Rule("replace", lambda module, ctx: nn.Identity())
+    with pytest.raises(ConversionError, match="first module whose output diverges is shift \\(Shift\\)"):
+        bcosify.convert(Net(), mean=0.5, std=0.25, rules={Shift: wrong})
+    # without any rule, the forward is read and the added 0.5 refused
+    with pytest.raises(ConversionError, match="adds the number 0.5"):
+        bcosify.convert(Net(), mean=0.5, std=0.25)
+
+
+def test_read_models_save_and_load(tmp_path):
+    torch.manual_seed(0)
+    bmodel = bcosify.convert(SqueezeExcite(), mean=0.5, std=0.25).eval()
+    bcosify.save(bmodel, tmp_path / "m")
+    loaded = bcosify.load(tmp_path / "m", model=SqueezeExcite())
+    x = _images().float()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), bmodel(x))
+
+
+def test_import_survives_a_renamed_library_class():
+    """A timm release that renames a class the rules name: bcosify still imports, warns, and reads timm models
+    from their graphs (verified) instead of by rule."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, timm, timm.models.beit as beit\n"
+            "del beit.Attention\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    import bcosify\n"
+            "from bcosify.surgery.rules import LIBRARIES\n"
+            "assert 'timm' not in LIBRARIES and any('timm rules' in str(w.message) for w in caught), LIBRARIES\n"
+            "b = bcosify.convert(timm.create_model('resnet10t', num_classes=3))\n"
+            "assert b.report.by_action('read') and b.report.by_action('verified')\n"
+            "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
