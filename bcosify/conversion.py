@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 from typing import Any, Mapping
@@ -15,8 +14,9 @@ from .model import BcosModel
 from .nn import fold_input_normalization, resolve_normalization
 from .surgery.engine import convert_modules, replace_classifier
 from .surgery.report import type_name
-from .surgery.rules import FIRST_LAYER_TYPES, RULES, Rule
+from .surgery.rules import DESCEND, FIRST_LAYER_TYPES, PLAIN_CONVS, RULES, Rule
 from .surgery.trace import trace
+from .utils import copy_module
 from .weights import HUB, build_model
 
 
@@ -53,7 +53,7 @@ def convert(model: nn.Module | str, config: BcosConfig | None = None, *, weights
         if model_kwargs or key_map or (weights is not None and weights != HUB):
             raise TypeError("weights, model_kwargs and key_map apply to model specs only; load weights into "
                             "the module yourself")
-        network = copy.deepcopy(model)
+        network = copy_module(model)
     else:
         raise TypeError(f"model must be an nn.Module or a spec string, got {type(model).__name__}")
     if any(type(m) is BcosModel or type(m).__module__.startswith("bcosify.nn") for m in network.modules()):
@@ -87,10 +87,9 @@ def convert(model: nn.Module | str, config: BcosConfig | None = None, *, weights
                             in_chans=info.in_chans, logit_bias=_logit_bias(config, num_classes),
                             model_class=config.model_class or type_name(model if isinstance(model, nn.Module)
                                                                         else network))
-    table = {**RULES, **(rules or {})}
     if verify is None:  # by default, whenever a forward will be read from its graph or a user rule applies
-        verify = bool(rules) or any(type(m) not in table for m in network.modules())
-    prepared = copy.deepcopy(network) if verify else None
+        verify = bool(rules) or _has_unruled_container(network, {**RULES, **(rules or {})})
+    prepared = copy_module(network) if verify else None
     bmodel = _convert_prepared(network, config, info, rules)
     if verify:
         from .surgery.verify import verify_conversion
@@ -98,6 +97,14 @@ def convert(model: nn.Module | str, config: BcosConfig | None = None, *, weights
         bmodel.report.entries.append(verify_conversion(prepared, config, info.size,
                                                        lambda net, cfg: _convert_prepared(net, cfg, trace(net), rules)))
     return bmodel.train(model.training if isinstance(model, nn.Module) else False)
+
+
+def _has_unruled_container(module: nn.Module, table: Mapping[type, Rule]) -> bool:
+    """Whether the engine's walk meets a module no rule names (whose forward it will read)."""
+    rule = table.get(type(module))
+    if rule is None:
+        return True
+    return rule.action == DESCEND and any(_has_unruled_container(c, table) for c in module.children())
 
 
 def _convert_prepared(network: nn.Module, config: BcosConfig, info, rules: Mapping[type, Rule] | None) -> BcosModel:
@@ -113,6 +120,8 @@ def _encode_first_layer(network: nn.Module, path: str, config: BcosConfig, rules
     A first layer of a type no rule knows is left for the engine, which refuses it by name.
     """
     first = network.get_submodule(path)
+    if type(first) in PLAIN_CONVS:
+        first = PLAIN_CONVS[type(first)](first)
     if type(first) in FIRST_LAYER_TYPES:
         network.set_submodule(path, fold_input_normalization(first, config.mean, config.std))
     elif type(first) in rules:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import pathlib
 import tempfile
 from typing import Callable, Iterator
 
+import torch
 from torch import nn
 
 
@@ -40,3 +42,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[pathlib.Path], None])
         pathlib.Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` that also works when its forward cached non-leaf tensors in plain attributes
+    (attention-bias caches of timm's EfficientFormer, LeViT, ...), which ``copy.deepcopy`` refuses: those are
+    copied detached."""
+    memo: dict[int, object] = {}
+    for sub in module.modules():
+        for value in vars(sub).values():
+            items = list(value.values()) if isinstance(value, dict) else value
+            for item in items if isinstance(items, (list, tuple)) else (value,):
+                if isinstance(item, torch.Tensor) and item.grad_fn is not None:
+                    memo[id(item)] = item.detach().clone()
+    return copy.deepcopy(module, memo)

@@ -19,6 +19,7 @@ from bcosify.nn import BcosConv2d, BcosLinear, DetachableModule
 from bcosify.nn import ClassifierBeforePooling
 from bcosify.surgery import Rule, register_rule
 from bcosify.weights import build_model
+from helpers import rescale_bcos_layers
 
 
 @pytest.fixture(scope="module")
@@ -320,12 +321,18 @@ def test_unknown_but_unused_module_is_reported_not_refused():
     assert [e.path for e in bmodel.report.by_action("unused")] == ["spare"]
 
 
-def test_weight_standardised_convs_are_refused_by_path_and_type():
-    model = timm.create_model("resnetv2_50x1_bit", pretrained=False, num_classes=3)
-    with pytest.raises(ConversionError) as info:
-        bcosify.convert(model)
-    message = str(info.value)
-    assert "stem.conv: timm.layers.std_conv.StdConv2d" in message
-    assert "GroupNormAct" not in message  # convertible: only what blocks is listed
-    assert "F.conv2d at std_conv.py" in message  # the operation that blocks: the weight read functionally
-    assert "resnetv2.ResNetV2" not in message  # its own forward is linear glue, read from its graph
+def test_weight_standardised_convs_convert_exactly():
+    """timm's StdConv2d / ScaledStdConv2d(Same) (BiT, NFNet): the standardised weight is baked in, first layer too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(timm.layers.StdConv2d(3, 8, 3, padding=1), nn.ReLU(),
+                          timm.layers.ScaledStdConv2dSame(8, 8, 3, stride=2, padding="same"), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).double().eval()
+    with torch.no_grad():
+        model[2].gain.uniform_(0.5, 1.5)
+    x = images(c=3, dtype=torch.float64)
+    assert equivalence_error(model, x, mean=0.5, std=0.25) < 1e-10
+    bmodel = bcosify.convert(model, mean=0.5, std=0.25)
+    assert [type(bmodel.network[i]).__name__ for i in (0, 2)] == ["BcosConv2d", "BcosConv2d"]
+    assert bmodel.network[0].in_channels == 6 and bmodel.network[2].same_padding
+    e = bcosify.explain(rescale_bcos_layers(bmodel, x), x)
+    assert e.completeness_error.max().item() < 1e-10

@@ -32,3 +32,24 @@ def test_atomic_write_replaces_whole_files_and_a_crash_leaves_none(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         atomic_write(path, failing)
     assert path.read_bytes() == b"one" and sorted(p.name for p in path.parent.iterdir()) == ["x.bin"]
+
+
+def test_copy_module_copies_cached_non_leaf_tensors():
+    import torch
+
+    from bcosify.utils import copy_module
+
+    class Cached(nn.Module):  # as timm's EfficientFormer caches its attention biases in eval mode
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.ones(3))
+            self.cache = {"k": self.bias * 2}
+
+    model = Cached()
+    with pytest.raises(RuntimeError):
+        import copy
+
+        copy.deepcopy(model)
+    twin = copy_module(model)
+    assert twin.cache["k"].grad_fn is None and torch.equal(twin.cache["k"], model.cache["k"])
+    assert twin.bias is not model.bias and torch.equal(twin.bias, model.bias)

@@ -207,3 +207,8 @@ def test_import_survives_a_renamed_library_class():
             "print('ok')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_verification_checks_the_surgery_not_the_options_that_change_the_function():
+    bmodel = bcosify.convert(Glue(), mean=0.5, std=0.25, normalize_weights=True, b=2.5)
+    assert "equivalence" in _verified(bmodel) and "FAILED" not in _verified(bmodel)

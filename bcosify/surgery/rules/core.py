@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from .base import DESCEND, GATE, KEEP, REPLACE, Builder, Context, Rule
 #: folded input normalization; other libraries' rule modules add theirs
 LINEAR_TYPES: set[type] = {nn.Linear}
 FIRST_LAYER_TYPES: set[type] = {nn.Conv2d}
+#: convolutions that compute a plain convolution with a weight derived from their parameters alone (weight
+#: standardisation): type -> the equivalent plain convolution, built at conversion
+PLAIN_CONVS: dict[type, Callable[[nn.Module], nn.Conv2d]] = {}
 
 
 # --- builders ---------------------------------------------------------------------------------------

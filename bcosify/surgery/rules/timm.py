@@ -12,17 +12,47 @@ import timm.models.eva as timm_eva
 import timm.models.swin_transformer as timm_swin
 import timm.models.vision_transformer as timm_vit
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...nn import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d, UncenteredBatchNorm2d,
                    gelu_gate, gelu_tanh_gate, hardswish_gate)
 from ...nn.act import quick_gelu_gate
 from .base import DESCEND, GATE, KEEP, REFUSE, REPLACE, Rule
-from .core import (FIRST_LAYER_TYPES, LINEAR_TYPES, attention, bcos_conv_same, bcos_linear, gate, groupnorm,
-                   layernorm, layernorm2d, norm_act, ratio_gate, se_gate)
+from .base import Context
+from .core import (FIRST_LAYER_TYPES, LINEAR_TYPES, PLAIN_CONVS, attention, bcos_conv, bcos_conv_same, bcos_linear,
+                   gate, groupnorm, layernorm, layernorm2d, norm_act, ratio_gate, se_gate)
 
 LINEAR_TYPES.add(timm.layers.Linear)
 FIRST_LAYER_TYPES.add(timm.layers.Conv2dSame)
+_STD_CONVS = (timm.layers.StdConv2d, timm.layers.StdConv2dSame, timm.layers.ScaledStdConv2d,
+              timm.layers.ScaledStdConv2dSame)
+
+
+def plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """The plain convolution a weight-standardised one computes: its standardised weight (a function of its
+    parameters alone, as its forward computes it) baked in; TF 'SAME' padding kept."""
+    gain = (conv.gain * conv.scale).view(-1) if hasattr(conv, "gain") else None
+    with torch.no_grad():
+        weight = F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None, weight=gain,
+                              training=True, momentum=0.0, eps=conv.eps).reshape_as(conv.weight)
+    same = getattr(conv, "same_pad", False)
+    new = (timm.layers.Conv2dSame if same else nn.Conv2d)(
+        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0 if same else conv.padding,
+        conv.dilation, conv.groups, bias=conv.bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new.train(conv.training)
+
+
+def _std_conv(conv: nn.Conv2d, ctx: Context) -> nn.Module:
+    plain = plain_conv(conv)
+    return (bcos_conv_same if type(plain) is timm.layers.Conv2dSame else bcos_conv)(plain, ctx)
+
+
+PLAIN_CONVS.update({t: plain_conv for t in _STD_CONVS})
 
 
 def _efficientnet_se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -76,6 +106,7 @@ RULES: dict[type, Rule] = {
                                                        "(use global_pool='token' or 'avg')"),
     # convolutions and linear layers on the value path
     timm.layers.Conv2dSame: Rule(REPLACE, bcos_conv_same, "TF 'SAME' padding kept"),
+    **{t: Rule(REPLACE, _std_conv, "weight standardisation baked into the weight") for t in _STD_CONVS},
     timm.layers.Linear: Rule(REPLACE, bcos_linear),
     # normalization
     timm.layers.BatchNormAct2d: Rule(REPLACE, norm_act(UncenteredBatchNorm2d), "uncentred, bias-free; act kept"),
