@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from .config import BcosConfig  # noqa: E402
 from .conversion import convert  # noqa: E402
 from .errors import BcosifyError, CheckpointError, ConversionError  # noqa: E402
-from .explanation import Explanation, explain  # noqa: E402
+from .explanation import Attribution, Explanation, explain  # noqa: E402
 from .export import export_onnx, load, save  # noqa: E402
 from .model import BcosModel  # noqa: E402
 from .surgery.support import SupportedModel, list_supported  # noqa: E402
@@ -20,6 +20,6 @@ from ._deprecated import install as _install_moved_modules  # noqa: E402
 
 _install_moved_modules()
 
-__all__ = ["BcosConfig", "BcosModel", "BcosifyError", "CheckpointError", "ConversionError", "Explanation",
-           "FinetuneConfig", "History", "SupportedModel", "__version__", "convert", "explain", "export_onnx",
-           "finetune", "list_supported", "load", "save"]
+__all__ = ["Attribution", "BcosConfig", "BcosModel", "BcosifyError", "CheckpointError", "ConversionError",
+           "Explanation", "FinetuneConfig", "History", "SupportedModel", "__version__", "convert", "explain",
+           "export_onnx", "finetune", "list_supported", "load", "save"]

@@ -64,6 +64,12 @@ class Explanation:
         return Explanation(**values)
 
     @property
+    def completeness_gap(self) -> torch.Tensor:
+        """``(N,)`` signed gap ``sum(contributions) + constant_contribution - explained_logit`` (0 up to rounding);
+        ``completeness_error`` is its size relative to the explained logit."""
+        return _completeness_gap(self.contributions, self.constant_contribution, self.explained_logit)
+
+    @property
     def target_logits(self) -> torch.Tensor:
         """``(N,)`` logit of the explained class, the logit bias included."""
         return self.logits.gather(1, self.target[:, None])[:, 0]
@@ -75,6 +81,10 @@ class Explanation:
             return None
         index = self.target.view(-1, 1, 1, 1).expand(-1, 1, *self.logit_maps.shape[2:])
         return self.logit_maps.gather(1, index)[:, 0]
+
+
+def _completeness_gap(contributions: torch.Tensor, constant: torch.Tensor, explained: torch.Tensor) -> torch.Tensor:
+    return contributions.flatten(1).sum(1) + constant - explained
 
 
 def _resolve_target(target, logits: torch.Tensor) -> torch.Tensor:
@@ -148,8 +158,8 @@ def _explain_batch(model: BcosModel, x: torch.Tensor, target) -> Explanation:
     for value, grad in zip(constants, constant_grads):
         if grad is not None:
             constant = constant + (value.detach() * grad).flatten(1).sum(1)
-    total = contributions.flatten(1).sum(1) + constant
-    error = (total - explained).abs() / explained.abs().clamp_min(torch.finfo(explained.dtype).tiny)
+    gap = _completeness_gap(contributions, constant, explained)
+    error = gap.abs() / explained.abs().clamp_min(torch.finfo(explained.dtype).tiny)
     logits = model.bias(raw_logits.detach())
     logit_maps = captured[-1] if captured else None
     return Explanation(logits, target, explained, weights, z, contributions, constant, model.logit_bias, error,

@@ -4,8 +4,9 @@ GridPG (B-cos papers): tile ``n x n`` confidently classified images of distinct 
 explain the class of each cell in turn, and score the share of the positive attribution that falls inside
 that cell. A perfect explanation scores 1; one spread evenly over the grid scores ``1 / n**2``.
 
-The post-hoc baselines (input x gradient, Grad-CAM, integrated gradients) come from captum
-(``pip install 'bcosify[eval]'``) and run on the original, unconverted model.
+Any attribution method of :mod:`~bcosify.explanation.attribution` plays: B-cos contributions
+(:class:`bcosify.Attribution`) and the post-hoc baselines from captum (input x gradient, Grad-CAM, integrated
+gradients; ``pip install 'bcosify[eval]'``) on the original, unconverted model.
 """
 
 from __future__ import annotations
@@ -17,16 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import IMAGENET_MEAN, IMAGENET_STD, Normalized, normalize
+from ..data import IMAGENET_MEAN, IMAGENET_STD, Normalized
 from ..model import BcosModel
-from ..utils import eval_mode
-from .explanation import explain
+from .attribution import (POSTHOC_METHODS, Attribution, Method, attribution_maps, last_conv_stage, method_name,
+                          posthoc_attribution)
 
 __all__ = [
     "POSTHOC_METHODS",
-    "Attribution",
     "GridPGResult",
-    "bcos_attribution",
     "cell_scores",
     "confident_images",
     "grid_pointing_game",
@@ -37,13 +36,6 @@ __all__ = [
     "run_gridpg",
     "tile",
 ]
-
-Attribution = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(images (B, C, H, W) in [0, 1], targets (B,)) -> attribution maps (B, h, w)``."""
-
-POSTHOC_METHODS = ("ixg", "gradcam", "ig")
-_METHOD_NAMES = {"bcos": "B-cos contributions", "ixg": "input x gradient", "gradcam": "Grad-CAM",
-                 "ig": "integrated gradients"}
 
 
 @dataclass
@@ -209,11 +201,13 @@ def cell_scores(attributions: torch.Tensor, n: int, cells: torch.Tensor) -> torc
     return torch.where(total > 0, inside / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(total))
 
 
-def grid_pointing_game(attribute: Attribution, grids: torch.Tensor, classes: torch.Tensor, n: int, *,
+def grid_pointing_game(attribute: Method, grids: torch.Tensor, classes: torch.Tensor, n: int, *,
                        method: str = "attribution") -> GridPGResult:
-    """Score ``attribute`` on every cell of every grid (from :func:`make_grids`).
+    """Score the attribution method ``attribute`` on every cell of every grid (from :func:`make_grids`).
 
-    For each grid, the ``n * n`` cell classes are explained in one batch; maps smaller than the grid
+    ``attribute`` is any :class:`~bcosify.explanation.attribution.AttributionMethod` (:class:`bcosify.Attribution`,
+    :func:`posthoc_attribution`, a captum method on a model that takes images in [0, 1]) or a function
+    ``(images, targets) -> attributions``; attributions are summed over channels. For each grid, the ``n * n`` cell classes are explained in one batch; maps smaller than the grid
     (e.g. Grad-CAM's) are scored on their own resolution when it divides by ``n``, else upsampled.
     """
     n = _check_n(n)
@@ -225,120 +219,15 @@ def grid_pointing_game(attribute: Attribution, grids: torch.Tensor, classes: tor
     cells = torch.arange(n * n)
     scores = []
     for grid, targets in zip(grids, classes):
-        maps = attribute(grid.expand(n * n, -1, -1, -1), targets.to(grid.device))
-        if not isinstance(maps, torch.Tensor) or maps.dim() != 3 or len(maps) != n * n:
-            raise ValueError(f"{method}: the attribution must return maps of shape ({n * n}, H, W), got "
-                             f"{getattr(maps, 'shape', type(maps).__name__)}")
+        try:
+            maps = attribution_maps(attribute, grid.expand(n * n, -1, -1, -1), targets.to(grid.device))
+        except ValueError as error:
+            raise ValueError(f"{method}: {error}") from None
         if maps.shape[1] % n or maps.shape[2] % n:
             maps = F.interpolate(maps[:, None].float(), size=grid.shape[1:], mode="bilinear",
                                  align_corners=False)[:, 0]
         scores.append(cell_scores(maps, n, cells.to(maps.device)).cpu())
     return GridPGResult(method, n, torch.stack(scores).float(), classes.cpu())
-
-
-# --------------------------------------------------------------------------- attribution methods
-
-
-def bcos_attribution(model: BcosModel, *, batch_size: int | None = None) -> Attribution:
-    """Per-pixel contributions of a B-cos model (:func:`bcosify.explain`) as an attribution."""
-    if not isinstance(model, BcosModel):
-        raise TypeError(f"bcos_attribution needs a BcosModel, got {type(model).__name__}")
-
-    def attribute(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return explain(model, x, target, batch_size=batch_size).contributions
-
-    return attribute
-
-
-_POOLING = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool2d, nn.MaxPool2d)
-
-
-@torch.no_grad()
-def last_conv_stage(model: nn.Module, in_chans: int = 3, size: int = 64) -> str:
-    """Path of the module whose output is the last spatial feature map (``H, W > 1``) before pooling.
-
-    Found by one forward pass on a random ``size`` px image; the usual Grad-CAM layer (``layer4`` of a ResNet).
-    """
-    names = {id(m): p for p, m in model.named_modules()}
-    finished: list[str] = []
-
-    def hook(module, _inputs, out):
-        if isinstance(out, torch.Tensor) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1 \
-                and not isinstance(module, _POOLING) and module is not model:
-            finished.append(names[id(module)])
-
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        param = next(model.parameters(), None)
-        with eval_mode(model):
-            model(torch.rand(1, in_chans, size, size, dtype=param.dtype if param is not None else torch.float32,
-                             device=param.device if param is not None else "cpu"))
-    finally:
-        for h in handles:
-            h.remove()
-    if not finished:
-        raise ValueError(f"{type(model).__name__} produces no spatial feature map: no Grad-CAM layer found")
-    return finished[-1]
-
-
-def posthoc_attribution(model: nn.Module, method: str, *, mean: Sequence[float], std: Sequence[float],
-                        layer: str | None = None, steps: int = 20,
-                        internal_batch_size: int | None = None) -> Attribution:
-    """A captum attribution of the original (unconverted) ``model`` as an :data:`Attribution`.
-
-    ``model`` takes images normalized with ``mean``/``std`` (the attribution takes images in [0, 1] and
-    normalizes them). ``method``: ``"ixg"`` (input x gradient on the normalized input, summed over color
-    channels), ``"ig"`` (integrated gradients with ``steps`` steps from the zero normalized input, i.e. the
-    mean color, summed over channels) or ``"gradcam"`` (Grad-CAM at ``layer``, default
-    :func:`last_conv_stage`, upsampled to the image). Needs captum (``pip install 'bcosify[eval]'``).
-    """
-    if method not in POSTHOC_METHODS:
-        raise ValueError(f"unknown post-hoc method {method!r}; expected one of {list(POSTHOC_METHODS)}")
-    if isinstance(model, BcosModel):
-        raise TypeError("post-hoc methods run on the original model; pass the unconverted nn.Module")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    try:
-        import captum.attr as ca
-    except ImportError:
-        raise ImportError("post-hoc attributions need captum: pip install 'bcosify[eval]' (or captum)") from None
-    if len(mean) != len(std):
-        raise ValueError(f"mean and std must have one value per channel, got {len(mean)} and {len(std)}")
-    if method == "gradcam":
-        path = layer if layer is not None else last_conv_stage(model, len(mean))
-        try:
-            module = model.get_submodule(path)
-        except AttributeError:
-            raise ValueError(f"the model has no module {path!r} for Grad-CAM") from None
-        gradcam = ca.LayerGradCam(model, module)
-
-        def attribute(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-            with eval_mode(model):
-                cam = gradcam.attribute(normalize(x, mean, std), target=target, relu_attributions=False)
-            cam = ca.LayerAttribution.interpolate(cam.detach(), tuple(x.shape[2:]), interpolate_mode="bilinear")
-            return cam.sum(1)
-
-        return attribute
-    if method == "ixg":
-        algorithm = ca.InputXGradient(model)
-        extra: dict = {}
-    else:
-        algorithm = ca.IntegratedGradients(model)
-        extra = {"n_steps": steps, "internal_batch_size": internal_batch_size, "method": "riemann_trapezoid"}
-
-    def attribute(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        with eval_mode(model):
-            inputs = normalize(x.detach(), mean, std).requires_grad_(True)
-            return algorithm.attribute(inputs, target=target, **extra).detach().sum(1)
-
-    return attribute
-
-
-def method_name(method: str) -> str:
-    """Readable name of a method key (``bcos``, ``ixg``, ``gradcam``, ``ig``)."""
-    return _METHOD_NAMES.get(method, method)
 
 
 def run_gridpg(images: torch.Tensor, labels: torch.Tensor, n: int, *, bcos_model: BcosModel | None = None,
@@ -385,7 +274,7 @@ def run_gridpg(images: torch.Tensor, labels: torch.Tensor, n: int, *, bcos_model
         if method == "bcos":
             bcos_model.eval()
             grids, classes = grids_for("bcos", bcos_model)
-            attribute = bcos_attribution(bcos_model)
+            attribute = Attribution(bcos_model)
         else:
             original.eval()
             grids, classes = grids_for("original", wrapped)

@@ -14,7 +14,7 @@ from torch import nn
 
 import bcosify
 from bcosify.cli import main
-from bcosify.data import normalize
+from bcosify.data import Normalized, normalize
 from bcosify.explanation import gridpg as metrics
 from bcosify.surgery import Rule, register_rule
 
@@ -122,6 +122,7 @@ def test_uniform_attribution_scores_one_over_n_squared():
 
 
 @pytest.mark.parametrize("cell", [0, 3])
+@pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
 def test_model_that_looks_at_one_cell(cell):
     """B-cos contributions and post-hoc methods: score 1 for the cell the model sees, 0 for the others."""
     torch.manual_seed(cell)
@@ -133,12 +134,18 @@ def test_model_that_looks_at_one_cell(cell):
     classes = target.expand(1, 4)  # explain the same (positive) class for every cell
     expected = torch.zeros(1, 4)
     expected[0, cell] = 1
-    bcos = metrics.grid_pointing_game(metrics.bcos_attribution(bmodel), grid, classes, 2)
+    bcos = metrics.grid_pointing_game(bcosify.Attribution(bmodel), grid, classes, 2)
     torch.testing.assert_close(bcos.scores, expected)
+    original.double()
     for method in ("ixg", "ig"):
-        attribute = metrics.posthoc_attribution(original.double(), method, mean=MEAN, std=STD, steps=3)
+        attribute = metrics.posthoc_attribution(original, method, mean=MEAN, std=STD, steps=3)
         result = metrics.grid_pointing_game(attribute, grid, classes, 2, method=method)
         torch.testing.assert_close(result.scores, expected)
+    # a captum method used as it is, on the original model taking images in [0, 1]
+    from captum.attr import InputXGradient
+
+    raw = InputXGradient(Normalized(original, MEAN, STD))
+    torch.testing.assert_close(metrics.grid_pointing_game(raw, grid, classes, 2).scores, expected)
 
 
 def test_model_that_looks_everywhere_alike_scores_chance():
@@ -151,7 +158,7 @@ def test_model_that_looks_everywhere_alike_scores_chance():
     grid = metrics.tile(cell.expand(9, -1, -1, -1), 3)[None]
     with torch.no_grad():
         target = _positive_classes(bmodel(grid) - bmodel.logit_bias)
-    result = metrics.grid_pointing_game(metrics.bcos_attribution(bmodel), grid, target.expand(1, 9), 3)
+    result = metrics.grid_pointing_game(bcosify.Attribution(bmodel), grid, target.expand(1, 9), 3)
     torch.testing.assert_close(result.scores, torch.full((1, 9), 1 / 9))
 
 
@@ -167,8 +174,8 @@ def test_bcos_contributions_at_b1_equal_input_x_gradient_of_the_original():
     x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
     target = torch.tensor([0, 4, 2])
     ixg = metrics.posthoc_attribution(original, "ixg", mean=bmodel.config.mean, std=bmodel.config.std)
-    torch.testing.assert_close(metrics.bcos_attribution(bmodel)(x, target), ixg(x, target), rtol=1e-10,
-                               atol=1e-12)
+    torch.testing.assert_close(bcosify.Attribution(bmodel).attribute(x, target), ixg.attribute(x, target),
+                               rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- post-hoc smoke run, protocol
@@ -198,8 +205,9 @@ def test_posthoc_methods_smoke_and_protocol():
     with torch.no_grad():
         assert torch.equal(original((x - 0.5) / 0.25).argmax(1), labels)
     for method in metrics.POSTHOC_METHODS:
-        maps = metrics.posthoc_attribution(original, method, mean=MEAN, std=STD, steps=4)(x, labels)
-        assert maps.shape == (4, 16, 16) and torch.isfinite(maps).all() and maps.abs().sum() > 0
+        maps = metrics.posthoc_attribution(original, method, mean=MEAN, std=STD, steps=4).attribute(x, labels)
+        assert maps.shape == ((4, 1, 16, 16) if method == "gradcam" else (4, 3, 16, 16))
+        assert torch.isfinite(maps).all() and maps.abs().sum() > 0
     bmodel = bcosify.convert(original, mean=MEAN, std=STD, b=1, keep_bias=True)
     results = metrics.run_gridpg(x, labels, 2, bcos_model=bmodel, original=original, ig_steps=4)
     assert list(results) == ["bcos", "ixg", "gradcam", "ig"]
@@ -215,7 +223,7 @@ def test_posthoc_methods_smoke_and_protocol():
     (lambda m: metrics.posthoc_attribution(bcosify.convert(m, mean=MEAN, std=STD), "ixg", mean=MEAN, std=STD),
      TypeError, "original model"),
     (lambda m: metrics.posthoc_attribution(m, "gradcam", mean=MEAN, std=STD, layer="nope"), ValueError, "nope"),
-    (lambda m: metrics.bcos_attribution(m), TypeError, "BcosModel"),
+    (lambda m: bcosify.Attribution(m), TypeError, "BcosModel"),
     (lambda m: metrics.run_gridpg(torch.rand(4, 3, 8, 8), torch.arange(4), 2), ValueError, "needs a bcos_model"),
     (lambda m: metrics.run_gridpg(torch.rand(4, 3, 8, 8), torch.arange(4), 2, original=m, methods=["bcos"]),
      ValueError, "needs a bcos_model"),
