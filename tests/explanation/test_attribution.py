@@ -177,3 +177,23 @@ def test_quantus_faithfulness_correlation_of_a_linear_model_is_one():
                                          softmax=False, device="cpu"))
     assert scores["bcos"].shape == (3,) and (scores["bcos"] > 1 - 1e-4).all()
     assert (scores["shuffled"] < 0.9).all()
+
+
+def test_quantus_randomisation_test_sees_the_explanations_change():
+    """quantus's model-parameter randomisation test (MPRT) explains copies of the model with its layers
+    re-initialised top-down; B-cos explanations must change (Spearman similarity to the original below 1)."""
+    quantus = pytest.importorskip("quantus")
+    import numpy as np
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    bmodel = bcosify.convert(net.eval(), mean=MEAN, std=STD).eval()
+    x = _images(3, 8, dtype=torch.float32).numpy()
+    metric = quantus.MPRT(abs=False, normalise=False, disable_warnings=True)
+    scores = metric(model=bmodel, x_batch=x, y_batch=np.array([0, 1, 2]), explain_func=quantus_explain,
+                    device="cpu")
+    assert list(scores) == ["original", "network.6", "network.2", "network.0"]  # the B-cos layers, top-down
+    np.testing.assert_allclose(scores["original"], 1.0)  # the unchanged model explains itself identically
+    for layer in ("network.6", "network.2", "network.0"):
+        assert (np.asarray(scores[layer]) < 0.9).all(), (layer, scores[layer])
