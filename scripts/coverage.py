@@ -166,6 +166,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cached_candidates(path: pathlib.Path) -> list[tuple[str, str, str, float]]:
+    """The sweep's models, counted once per timm/torchvision version (building 1,400 models on the meta device
+    takes minutes) and kept in ``path``."""
+    import timm
+    import torchvision
+
+    versions = {"timm": timm.__version__, "torchvision": torchvision.__version__}
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if cached.get("versions") == versions:
+            return [tuple(c) for c in cached["candidates"]]
+    candidates = [("timm", *c) for c in timm_candidates()] + [("torchvision", *c) for c in torchvision_candidates()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"versions": versions, "candidates": candidates}, indent=1))
+    return candidates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=pathlib.Path, default=pathlib.Path("benchmarks/results/coverage.json"))
@@ -175,7 +192,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    candidates = [("timm", *c) for c in timm_candidates()] + [("torchvision", *c) for c in torchvision_candidates()]
+    candidates = _cached_candidates(args.json.with_name("coverage_candidates.json"))
     if args.only:
         candidates = [c for c in candidates if re.search(args.only, c[2])]
     rows = []
