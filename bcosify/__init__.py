@@ -15,11 +15,11 @@ from .explanation import Attribution, Explanation, explain  # noqa: E402
 from .export import export_onnx, load, save  # noqa: E402
 from .model import BcosModel  # noqa: E402
 from .surgery.support import SupportedModel, list_supported  # noqa: E402
-from .training import FinetuneConfig, History, finetune  # noqa: E402
+from .training import FinetuneConfig, History, calibrate, finetune  # noqa: E402
 from ._deprecated import install as _install_moved_modules  # noqa: E402
 
 _install_moved_modules()
 
 __all__ = ["Attribution", "BcosConfig", "BcosModel", "BcosifyError", "CheckpointError", "ConversionError",
-           "Explanation", "FinetuneConfig", "History", "SupportedModel", "__version__", "convert", "explain",
-           "export_onnx", "finetune", "list_supported", "load", "save"]
+           "Explanation", "FinetuneConfig", "History", "SupportedModel", "__version__", "calibrate", "convert",
+           "explain", "export_onnx", "finetune", "list_supported", "load", "save"]

@@ -16,13 +16,15 @@ from .surgery.engine import convert_modules, replace_classifier
 from .surgery.report import type_name
 from .surgery.rules import DESCEND, FIRST_LAYER_TYPES, PLAIN_CONVS, RULES, Rule
 from .surgery.trace import trace
+from .training.calibration import calibrate as calibrate_model
 from .utils import copy_module
 from .weights import HUB, build_model
 
 
 def convert(model: nn.Module | str, config: BcosConfig | None = None, *, weights: str | os.PathLike | None = HUB,
             model_kwargs: dict[str, Any] | None = None, key_map: str | None = None,
-            rules: Mapping[type, Rule] | None = None, verify: bool | None = None, **options: Any) -> BcosModel:
+            rules: Mapping[type, Rule] | None = None, verify: bool | None = None, calibrate: Any = None,
+            **options: Any) -> BcosModel:
     """Convert a pretrained image classifier into a B-cos network.
 
     Args:
@@ -38,6 +40,8 @@ def convert(model: nn.Module | str, config: BcosConfig | None = None, *, weights
             and completeness at b=2, recorded in the report; a failure raises ``ConversionError`` naming the first
             module whose output diverges. Default: whenever a container was read from its graph or ``rules``
             were given.
+        calibrate: unlabelled images in [0, 1] (a batch, or an iterable of batches): calibrate the converted
+            model on them against the original (see :func:`bcosify.calibrate`), so that it is usable at once.
 
     Returns:
         a :class:`BcosModel` whose ``config`` holds every resolved value; ``.report`` says what happened to every
@@ -59,6 +63,7 @@ def convert(model: nn.Module | str, config: BcosConfig | None = None, *, weights
     if any(type(m) is BcosModel or type(m).__module__.startswith("bcosify.nn") for m in network.modules()):
         raise ConversionError("this model already contains bcosify layers; convert the original model instead")
 
+    original = model if isinstance(model, nn.Module) else copy_module(network) if calibrate is not None else None
     info = trace(network)
     if config.in_chans is not None and config.in_chans != info.in_chans:
         raise ConversionError(f"the config is for {config.in_chans} input channels but the model takes {info.in_chans}")
@@ -96,6 +101,8 @@ def convert(model: nn.Module | str, config: BcosConfig | None = None, *, weights
 
         bmodel.report.entries.append(verify_conversion(prepared, config, info.size,
                                                        lambda net, cfg: _convert_prepared(net, cfg, trace(net), rules)))
+    if calibrate is not None:
+        calibrate_model(bmodel, calibrate, original=original)
     return bmodel.train(model.training if isinstance(model, nn.Module) else False)
 
 

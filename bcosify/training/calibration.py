@@ -1,0 +1,252 @@
+"""``bcosify.calibrate``: restore the activation scale of a converted model from a few unlabelled batches.
+
+At ``b > 1`` every B-cos layer multiplies its output by ``|cos|^(b-1) <= 1``, so activations shrink layer after
+layer (DESIGN.md, "Scale right after conversion"). Calibration gives every output channel of every B-cos layer and
+normalization layer a positive gain, chosen in execution order, and re-estimates the running variance of uncentred
+BatchNorms. The gains are baked into the weights, so the result is an ordinary B-cos network: the same dynamic
+linear form (completeness holds as before) and nothing new to save or load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import normalize
+from ..model import BcosModel
+from ..nn import (BcosConv2d, BcosLinear, DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d,
+                  SplitQKV, UncenteredBatchNorm2d, check_images)
+from ..utils import eval_mode
+from .loop import _split_batch
+
+#: layers whose output channels get a gain; the value is the channel dimension of their output
+_CHANNEL_DIM: dict[type, int] = {BcosConv2d: 1, BcosLinear: -1, UncenteredBatchNorm2d: 1, DetachableGroupNorm: 1,
+                                 DetachableLayerNorm2d: 1, DetachableLayerNorm: -1}
+
+
+@dataclass
+class _Layer:
+    """One calibrated layer: its running output statistics and those of its counterpart in the original."""
+
+    path: str
+    module: nn.Module
+    dim: int
+    out_sq: torch.Tensor | None = None  # per-channel sum of squares of the output, in units of the current weights
+    out_count: int = 0
+    target_sq: torch.Tensor | None = None  # the same for the original's counterpart
+    target_count: int = 0
+    var_sum: torch.Tensor | None = None  # BatchNorm: sum of the batch variances of the input
+    var_batches: int = 0
+    handles: list = field(default_factory=list)
+
+    @property
+    def is_bcos(self) -> bool:
+        return isinstance(self.module, (BcosConv2d, BcosLinear))
+
+
+@torch.no_grad()
+def calibrate(bmodel: BcosModel, images: torch.Tensor | Iterable[Any], *, original: nn.Module | None = None,
+              max_batches: int | None = None, progress: bool = True) -> BcosModel:
+    """Restore the activation scale of a converted model from unlabelled images, in place.
+
+    Every B-cos layer and normalization layer, in execution order, gets one gain per output channel so that the
+    channel's root mean square over the images matches that of the same module in ``original`` on the same
+    images (the module at the same path; for timm's norm-act layers the norm's output before the activation; for a
+    split ``qkv`` projection its ``v`` part). Uncentred BatchNorms also get their running variance re-estimated.
+    Where there is no counterpart (no ``original``, a replaced classifier, a different channel count) a B-cos layer
+    gets unit RMS per channel and a normalization layer keeps its scale. Unit RMS suits freshly converted or random
+    weights; pass ``original`` for a pretrained model.
+
+    One batch is matched exactly. Over several batches the statistics accumulate while the gains of earlier
+    layers still move from batch to batch, so the match is approximate (each gain uses every batch seen so far);
+    give the images as one batch where memory allows.
+
+    The gains are baked into the weights: a bias-free B-cos layer is positively homogeneous, ``out(c w) =
+    c^b out(w)``, so a row scaled by ``c^(1/b)`` scales its output by ``c`` (a kept bias is scaled by ``c``); a
+    normalization layer's weight and bias are scaled by ``c``. The model stays dynamic linear, and
+    :func:`bcosify.save`/:func:`bcosify.load` carry the result as they carry any weights.
+
+    Args:
+        bmodel: a :class:`BcosModel` from :func:`bcosify.convert` with ``normalize_weights=False`` (unit-norm
+            weight rows cannot carry a gain).
+        images: images in [0, 1] with the model's channel count: one ``(N, C, H, W)`` batch, or an iterable of
+            batches or of ``(images, labels, ...)`` batches (labels are ignored).
+        original: the unconverted model (eval mode is used; it takes normalized images, as it always did).
+        max_batches: use at most this many batches.
+        progress: show a progress bar over the batches.
+
+    Returns:
+        ``bmodel``, calibrated (its train/eval mode is kept).
+
+    Raises:
+        ValueError: no images, images of the wrong shape or channel count, or values outside [0, 1]; a model
+            with unit-norm weights.
+    """
+    if not isinstance(bmodel, BcosModel):
+        raise TypeError(f"calibrate needs a BcosModel (from bcosify.convert), got {type(bmodel).__name__}")
+    if isinstance(original, BcosModel):
+        raise TypeError("original must be the unconverted model, not a BcosModel")
+    if max_batches is not None and max_batches < 1:
+        raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    layers = _calibrated_layers(bmodel.network)
+    parameter = next(bmodel.parameters())
+    original_parameter = next(original.parameters(), parameter) if original is not None else None
+    seen = 0
+    try:
+        for layer in layers:
+            layer.handles.append(layer.module.register_forward_hook(_rescale_output(layer)))
+            if isinstance(layer.module, UncenteredBatchNorm2d):
+                layer.handles.append(layer.module.register_forward_pre_hook(_reestimate_variance(layer)))
+            if original is not None:
+                _watch_counterpart(layer, original, bmodel.network)
+        with eval_mode(bmodel, *([original] if original is not None else [])):
+            for x in tqdm(_batches(images, max_batches), desc="calibrate", total=_count(images, max_batches),
+                          leave=False, disable=not progress):
+                check_images(x, bmodel.in_chans)
+                if original is not None:
+                    original(normalize(x.to(original_parameter), bmodel.config.mean, bmodel.config.std))
+                bmodel(x.to(parameter))
+                seen += 1
+    finally:
+        for layer in layers:
+            for handle in layer.handles:
+                handle.remove()
+    if not seen:
+        raise ValueError("calibrate got no images (an empty loader?)")
+    return bmodel
+
+
+def _batches(images: torch.Tensor | Iterable[Any], max_batches: int | None) -> Iterator[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        yield images
+        return
+    for index, batch in enumerate(images):
+        if max_batches is not None and index >= max_batches:
+            return
+        yield _split_batch(batch)[0]
+
+
+def _count(images: Any, max_batches: int | None) -> int | None:
+    """The number of batches :func:`_batches` yields, where it is known beforehand."""
+    if isinstance(images, torch.Tensor):
+        return 1
+    try:
+        count = len(images)
+    except TypeError:
+        return max_batches
+    return count if max_batches is None else min(count, max_batches)
+
+
+def _calibrated_layers(network: nn.Module) -> list[_Layer]:
+    layers = []
+    for path, module in network.named_modules():
+        dim = _CHANNEL_DIM.get(type(module))
+        if dim is None:
+            continue
+        if isinstance(module, (BcosConv2d, BcosLinear)) and module.normalize_weights:
+            raise ValueError(f"{path}: calibrate bakes gains into the weights, which normalize_weights=True layers "
+                             "ignore; convert with normalize_weights=False")
+        if getattr(module, "weight", None) is None:  # a norm without affine weight: nowhere to put a gain
+            continue
+        layers.append(_Layer(path, module, dim))
+    return layers
+
+
+def _channel_sq(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
+    """Per-channel sum of squares (float64) of ``t`` along ``dim``, and the number of values per channel."""
+    flat = t.detach().movedim(dim, -1).reshape(-1, t.shape[dim]).double()
+    return flat.square().sum(0), flat.shape[0]
+
+
+def _rescale_output(layer: _Layer):
+    def hook(module: nn.Module, inputs, out: torch.Tensor) -> torch.Tensor:
+        sq, count = _channel_sq(out, layer.dim)
+        layer.out_sq = sq if layer.out_sq is None else layer.out_sq + sq
+        layer.out_count += count
+        current = layer.out_sq / layer.out_count
+        if layer.target_count and layer.target_sq.shape == current.shape:
+            target = layer.target_sq / layer.target_count
+        elif layer.is_bcos:
+            target = torch.ones_like(current)
+        else:
+            return out  # a norm layer without counterpart keeps its own scale
+        usable = (current > 0) & (target > 0)
+        gain = torch.where(usable, (target / current.where(usable, 1.0)).sqrt(), 1.0)
+        _bake_gain(module, gain, layer.is_bcos)
+        layer.out_sq *= gain.square()
+        shape = [1] * out.dim()
+        shape[layer.dim] = -1
+        return out * gain.to(out.dtype).view(shape)
+
+    return hook
+
+
+def _bake_gain(module: nn.Module, gain: torch.Tensor, is_bcos: bool) -> None:
+    """Scale the output channels of ``module`` by ``gain`` (positive) through its weight and bias."""
+    weight = module.weight
+    if is_bcos:
+        weight.mul_(gain.pow(1 / module.b).to(weight.dtype).view(-1, *[1] * (weight.dim() - 1)))
+    else:
+        weight.mul_(gain.to(weight.dtype))
+    if module.bias is not None:
+        module.bias.mul_(gain.to(module.bias.dtype))
+
+
+def _reestimate_variance(layer: _Layer):
+    """BatchNorm: running variance = mean of the (unbiased) batch variances of the inputs seen so far."""
+
+    def hook(module: UncenteredBatchNorm2d, inputs) -> None:
+        (x,) = inputs
+        n = x.numel() / x.shape[1]
+        var = x.double().var(dim=(0, 2, 3), unbiased=False) * (n / max(n - 1, 1))
+        layer.var_sum = var if layer.var_sum is None else layer.var_sum + var
+        layer.var_batches += 1
+        old = module.running_var.double() + module.eps
+        new = layer.var_sum / layer.var_batches
+        module.running_var.copy_(new)
+        if layer.out_sq is not None:  # keep the accumulated output statistics in units of the new variance
+            layer.out_sq *= old / (new + module.eps)
+
+    return hook
+
+
+def _watch_counterpart(layer: _Layer, original: nn.Module, network: nn.Module) -> None:
+    """Hook the module of ``original`` whose output ``layer`` should match, if there is one."""
+    parent_path, _, name = layer.path.rpartition(".")
+    counterpart = _submodule(original, layer.path)
+    if counterpart is not None:
+        where = "output"
+    else:
+        parent = _submodule(original, parent_path)
+        if parent is None:
+            return
+        if name == "norm" and isinstance(getattr(parent, "act", None), nn.Module):  # timm's *NormAct layers
+            counterpart, where = parent.act, "input"
+        elif name == "v" and isinstance(network.get_submodule(parent_path), SplitQKV):
+            counterpart, where = parent, "v"
+        else:
+            return
+
+    def record(t: torch.Tensor) -> None:
+        sq, count = _channel_sq(t, layer.dim)
+        layer.target_sq = sq if layer.target_sq is None else layer.target_sq + sq
+        layer.target_count += count
+
+    if where == "input":
+        layer.handles.append(counterpart.register_forward_pre_hook(lambda m, inputs: record(inputs[0])))
+    elif where == "v":
+        layer.handles.append(counterpart.register_forward_hook(
+            lambda m, inputs, out: record(out[..., 2 * out.shape[-1] // 3:])))
+    else:
+        layer.handles.append(counterpart.register_forward_hook(lambda m, inputs, out: record(out)))
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
