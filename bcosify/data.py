@@ -232,6 +232,31 @@ def preprocess(image: Any, size: int = 224, *, crop_pct: float = 0.875, channels
     return x[:, top:top + size, left:left + size].clamp(0, 1).contiguous()
 
 
+def augmented_views(images: torch.Tensor, crops: int = 4, *, scale: tuple[float, float] = (0.35, 1.0),
+                    seed: int = 0) -> torch.Tensor:
+    """``images`` ``(N, C, H, W)``, their mirror images, and ``crops`` random resized crops (mirrored at random)
+    of each, all at the input size: ``(N * (2 + crops), C, H, W)`` in the value range of ``images``.
+
+    A few photos become enough unlabelled images to calibrate a converted model on. ``scale`` bounds the area of a
+    crop relative to the image; ``seed`` makes the crops reproducible.
+    """
+    from torchvision.transforms import v2
+
+    generator = torch.Generator().manual_seed(seed)
+    height, width = images.shape[-2:]
+    views = [images, images.flip(-1)]
+    for _ in range(crops):
+        for image in images:
+            area = height * width * torch.empty(1).uniform_(*scale, generator=generator).item()
+            side_h = min(height, max(1, round(area ** 0.5)))
+            side_w = min(width, max(1, round(area / side_h)))
+            top = int(torch.randint(height - side_h + 1, (1,), generator=generator))
+            left = int(torch.randint(width - side_w + 1, (1,), generator=generator))
+            crop = v2.functional.resized_crop(image, top, left, side_h, side_w, [height, width], antialias=True)
+            views.append((crop.flip(-1) if torch.rand(1, generator=generator) < 0.5 else crop)[None])
+    return torch.cat(views).clamp(images.min(), images.max())
+
+
 def load_image(path: str | os.PathLike, size: int = 224, *, crop_pct: float = 0.875,
                channels: int = 3) -> torch.Tensor:
     """Read an image file with Pillow and :func:`preprocess` it to ``(channels, size, size)`` in [0, 1]."""

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bcosify.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DataError, fashion_mnist, image_folder, load_image,
-                          preprocess, read_idx)
+from bcosify.data import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, DataError, augmented_views, fashion_mnist,
+                          image_folder, load_image, preprocess, read_idx)
 
 
 def test_real_fashion_mnist_is_read():
@@ -89,3 +89,14 @@ def test_preprocess_resizes_and_centre_crops(tmp_path):
         load_image(tmp_path / "missing.png")
     with pytest.raises(ValueError, match="size"):
         preprocess(array, 0)
+
+
+def test_augmented_views_are_the_images_their_mirrors_and_reproducible_crops():
+    x = torch.rand(2, 3, 16, 12, generator=torch.Generator().manual_seed(0))
+    views = augmented_views(x, crops=3, seed=5)
+    assert views.shape == (2 * 5, 3, 16, 12)
+    assert torch.equal(views[:2], x) and torch.equal(views[2:4], x.flip(-1))
+    assert x.min() <= views.min() and views.max() <= x.max()
+    assert not any(torch.equal(v, u) for v in views[4:] for u in views[:4])  # crops differ from the images
+    assert torch.equal(augmented_views(x, crops=3, seed=5), views)
+    assert not torch.equal(augmented_views(x, crops=3, seed=6), views)

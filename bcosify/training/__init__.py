@@ -7,5 +7,5 @@ from .loop import TrainingDivergedError, compute_loss, evaluate, finetune, resol
 from .recipes import Recipe, list_recipes, load_recipe
 from .state import latest_checkpoint
 
-__all__ = ["FinetuneConfig", "History", "Recipe", "TrainingDivergedError", "calibrate", "compute_loss", "evaluate", "finetune",
-           "latest_checkpoint", "list_recipes", "load_recipe", "resolve_device", "train_original"]
+__all__ = ["FinetuneConfig", "History", "Recipe", "TrainingDivergedError", "calibrate", "compute_loss", "evaluate",
+           "finetune", "latest_checkpoint", "list_recipes", "load_recipe", "resolve_device", "train_original"]
