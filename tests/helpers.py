@@ -13,6 +13,10 @@ from bcosify.utils import eval_mode
 def rescale_bcos_layers(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """Rescale every B-cos layer's weight (in one forward pass on ``x``) so that its output has unit RMS.
 
+    One gain per layer. Still used by test_families, test_precision and test_onnx: with ``bcosify.calibrate``
+    instead (a gain per channel and re-estimated BatchNorm variances, from 4 random images) some of their models
+    failed the round-off tolerances (MobileNetV2 and EfficientNet explanation-mode logits, ONNX logits of 6e12).
+
     Random-init weights shrink B-cos activations layer after layer (to exact zeros in deep nets); rescaled,
     completeness is tested on real numbers. Any weights must give completeness, so this loses nothing.
     A B-cos layer without bias is homogeneous: ``out(c w) = c^b out(w)``.

@@ -7,14 +7,14 @@ import timm
 import torch
 
 import bcosify
-from helpers import assert_batch_matches_single, rescale_bcos_layers
+from helpers import assert_batch_matches_single
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
     bmodel = bcosify.convert(timm.create_model("resnet18", pretrained=False, num_classes=6)).double()
-    return rescale_bcos_layers(bmodel, torch.rand(4, 3, 32, 32, dtype=torch.float64)).eval()
+    return bcosify.calibrate(bmodel, torch.rand(4, 3, 32, 32, dtype=torch.float64), progress=False).eval()
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def reordered():
     torch.manual_seed(2)
     bmodel = bcosify.convert(timm.create_model("resnet18", pretrained=False, num_classes=5), gap_reorder=True)
     bmodel = bmodel.double()
-    return rescale_bcos_layers(bmodel, torch.rand(3, 3, 64, 64, dtype=torch.float64)).eval()
+    return bcosify.calibrate(bmodel, torch.rand(3, 3, 64, 64, dtype=torch.float64), progress=False).eval()
 
 
 def test_logit_maps_of_a_gap_reordered_model(reordered):

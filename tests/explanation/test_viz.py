@@ -14,14 +14,13 @@ from PIL import Image
 import bcosify
 from bcosify.cli import main
 from bcosify.explanation import viz
-from helpers import rescale_bcos_layers
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
     bmodel = bcosify.convert("timm:resnet18", weights=None, model_kwargs={"num_classes": 4})
-    return rescale_bcos_layers(bmodel, torch.rand(4, 3, 32, 32)).eval()
+    return bcosify.calibrate(bmodel, torch.rand(4, 3, 32, 32), progress=False).eval()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from torch import nn
 
 import bcosify
 from bcosify.explanation.checks import equivalence_error
-from helpers import rescale_bcos_layers, value_path_modules
+from helpers import value_path_modules
 
 
 def _randomise_affine(model: nn.Module) -> nn.Module:
@@ -50,7 +50,7 @@ def test_norm_layer_equivalence_and_completeness(name):
     model = _model(NORMS[name]())
     x = torch.rand(3, 3, 16, 16, dtype=torch.float64)
     assert equivalence_error(model, x, mean=0.4, std=0.3) < 1e-10
-    bmodel = rescale_bcos_layers(bcosify.convert(model, mean=0.4, std=0.3), x)
+    bmodel = bcosify.calibrate(bcosify.convert(model, mean=0.4, std=0.3), x, progress=False)
     assert bmodel.report.leftovers == []
     for path, module in value_path_modules(bmodel.network):
         assert not any(n == "bias" for n, _ in module.named_parameters(recurse=False)), path

@@ -20,7 +20,7 @@ from bcosify.explanation.viz import row_titles
 from bcosify.nn import GatePath, SelfAttention, SplitQKV
 from bcosify.surgery import Rule, register_rule
 from bcosify.surgery.rules import RULES
-from helpers import assert_batch_matches_single, randomise_zero_weights, rescale_bcos_layers
+from helpers import assert_batch_matches_single, randomise_zero_weights
 
 SIZE = 32
 TINY = dict(img_size=SIZE, patch_size=8, depth=2, num_classes=10)
@@ -44,7 +44,7 @@ def _images(n: int = 3, seed: int = 1) -> torch.Tensor:
 
 def _bcos(model: nn.Module, **options) -> bcosify.BcosModel:
     bmodel = bcosify.convert(model, **options)
-    return rescale_bcos_layers(bmodel, _images(4, seed=7))
+    return bcosify.calibrate(bmodel, _images(4, seed=7), progress=False)
 
 
 def test_constants_are_reported_and_explained_per_sample():
@@ -265,8 +265,8 @@ def test_vit_exports_to_onnx(tmp_path):
     import onnxruntime
 
     torch.manual_seed(0)
-    bmodel = rescale_bcos_layers(bcosify.convert(timm.create_model("vit_tiny_patch16_224", **TINY)).eval(),
-                                 torch.rand(4, 3, SIZE, SIZE))
+    bmodel = bcosify.calibrate(bcosify.convert(timm.create_model("vit_tiny_patch16_224", **TINY)).eval(),
+                               torch.rand(4, 3, SIZE, SIZE), progress=False)
     path = bcosify.export_onnx(bmodel, tmp_path / "vit.onnx", torch.rand(1, 3, SIZE, SIZE))
     x = torch.rand(3, 3, SIZE, SIZE)
     (out,) = onnxruntime.InferenceSession(str(path)).run(None, {"images": x.numpy()})
