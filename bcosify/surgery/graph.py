@@ -287,6 +287,9 @@ class _Walk:
                 self.gate_sources.append(node)
             else:
                 self.kinds[node] = VALUE if VALUE in kinds else GATE
+                for a in inputs:  # a parameter handed to a child next to the value path enters it there
+                    if self.kind(a) == CONST and self.sources.get(a):
+                        self.check(node, "constant", self.sources[a])
         else:
             self.kinds[node] = self._call(node, inputs, kinds)
 

@@ -212,3 +212,31 @@ def test_import_survives_a_renamed_library_class():
 def test_verification_checks_the_surgery_not_the_options_that_change_the_function():
     bmodel = bcosify.convert(Glue(), mean=0.5, std=0.25, normalize_weights=True, b=2.5)
     assert "equivalence" in _verified(bmodel) and "FAILED" not in _verified(bmodel)
+
+
+class _TokenIntoChild(nn.Module):
+    """A learned token handed to a child next to the value path (as CaiT's class token): a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.token = nn.Parameter(torch.randn(1, 1, 8))
+        self.join = _Join()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.join(t, self.token.expand(t.shape[0], -1, -1))[:, 0])
+
+
+class _Join(nn.Module):
+    def forward(self, t, token):
+        return torch.cat([token, t], dim=1).cumsum(1)  # a linear mix of the token and the patches
+
+
+def test_a_parameter_handed_to_a_child_is_a_constant():
+    bmodel = rescale_bcos_layers(bcosify.convert(_TokenIntoChild(), mean=0.5, std=0.25, rules={
+        _Join: Rule("keep")}).double(), _images(4))
+    assert bmodel.constants == ["token"]
+    e = bcosify.explain(bmodel, _images())
+    assert bool((e.constant_contribution.abs() > 0).all()) and e.completeness_error.max().item() < 1e-10
