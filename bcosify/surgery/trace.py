@@ -84,7 +84,8 @@ def trace(model: nn.Module) -> Trace:
                 except Exception as e:  # a size the model cannot take: try the next one
                     error = e
         if error is not None:
-            raise ConversionError(f"cannot run {type(model).__name__} on a {in_chans}-channel image: {error}")
+            raise ConversionError(f"cannot run {type(model).__name__} on a {in_chans}-channel image "
+                                  f"({type(error).__name__}: {error})")
     finally:
         for h in handles:
             h.remove()
