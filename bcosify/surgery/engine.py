@@ -49,15 +49,18 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
     """
     table = {**RULES, **(rules or {})}
     report = ConversionReport()
+    originals = list(model.modules())  # alive for the whole walk: the ids in trace_info and done stay theirs
     ctx = Context(config=config, report=report, rules=table)
-    done: dict[int, nn.Module] = {}
+    # module -> its replacement, keyed by id: the original is kept alive in the value, so that its id cannot be
+    # reused by a module created later in the walk (a freed replaced module's id often is)
+    done: dict[int, tuple[nn.Module, nn.Module]] = {}
 
     def used(module: nn.Module) -> bool:
         return any(id(m) in trace_info.executed for m in module.modules())
 
     def convert(module: nn.Module, path: str) -> nn.Module:
         if id(module) in done:
-            return done[id(module)]
+            return done[id(module)][1]
         rule = table.get(type(module))
         gate_children: set[str] = set()
         if rule is None and not used(module):
@@ -107,10 +110,11 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
             if path == trace_info.first_layer_path:
                 note = f"first layer: [x, 1-x] input, normalization ({config.normalization_from}) folded in"
             report.add(path, module, action, new if new is not module else None, note)
-        done[id(module)] = new
+        done[id(module)] = (module, new)
         return new
 
     top = convert(model, "")
+    del originals
     refused = report.refused
     if refused:
         lines = "\n".join(f"  {e.path}: {e.old_type}" + (f" ({e.note})" if e.note else "") for e in refused)

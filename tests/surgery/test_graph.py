@@ -240,3 +240,32 @@ def test_a_parameter_handed_to_a_child_is_a_constant():
     assert bmodel.constants == ["token"]
     e = bcosify.explain(bmodel, _images())
     assert bool((e.constant_contribution.abs() > 0).all()) and e.completeness_error.max().item() < 1e-10
+
+
+def test_replaced_modules_stay_alive_during_the_walk():
+    """The walk keys what it did by id(module); a replaced module freed mid-walk would lend its id to a module
+    created later (seen in a registry sweep: a gate inserted by a rewrite took a LayerNorm's place)."""
+    import weakref
+
+    class First(nn.Module):
+        def forward(self, x):
+            return x
+
+    class Second(First):
+        pass
+
+    seen = {}
+
+    def replace_first(module, ctx):
+        seen["first"] = weakref.ref(module)
+        return nn.Identity()
+
+    def replace_second(module, ctx):
+        seen["alive"] = seen["first"]() is not None
+        return nn.Identity()
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(First()), nn.Sequential(Second()),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    bcosify.convert(model, mean=0.5, std=0.25, verify=False,
+                    rules={First: Rule("replace", replace_first), Second: Rule("replace", replace_second)})
+    assert seen["alive"]
