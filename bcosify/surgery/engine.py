@@ -29,9 +29,11 @@ def _check_own_parameters(module: nn.Module, path: str, rule: Rule, report: Conv
         if name in rule.scales:
             continue
         if name in rule.constants:
-            if param.dim() == 0 or param.shape[0] != 1:
-                raise ConversionError(f"{param_path}: a constant must have a leading dimension of 1 (it is "
-                                      f"broadcast over the batch), got shape {tuple(param.shape)}")
+            if param.dim() < 2 or param.shape[0] != 1:  # (1,) or (C,): a bias, with no batch dimension to explain
+                report.add(param_path, param, REFUSED if strict else LEFT,
+                           note=f"added to the value path with shape {tuple(param.shape)}: a bias no pixel accounts "
+                                "for (a constant needs a leading batch dimension of 1, e.g. (1, tokens, dim))")
+                continue
             report.add(param_path, param, CONSTANT, note="added constant, explained as constant_contribution")
         else:
             report.add(param_path, param, REFUSED if strict else LEFT,
@@ -69,7 +71,7 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
         elif rule is None or rule.action == DESCEND:
             new = module
             if rule is None:  # no rule: read what its forward does between its children
-                reading = read_forward(module)
+                reading = read_forward(module, trace_info.given.get(id(module)))
                 if reading.ok:
                     new = rewrite(module, reading)
                     own = {n for n, _ in module.named_parameters(recurse=False)}

@@ -149,14 +149,24 @@ def _notrace_functions() -> tuple[Callable, ...]:
     return tuple(f for f in get_notrace_functions() if callable(f))
 
 
-def _concrete_args(module: nn.Module) -> dict[str, Any]:
-    """Every forward argument after the first that has a default, fixed at that default."""
+def _concrete_args(module: nn.Module, given: dict | None) -> dict[str, Any]:
+    """Forward arguments after the first fixed while tracing: those the model's own forward pass gave as None
+    (``given``: argument position or name -> given as None), and those it did not give that have a default."""
     try:
         parameters = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
         return {}
-    return {p.name: p.default for p in parameters[1:]
-            if p.default is not inspect.Parameter.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    given = given or {}
+    fixed = {}
+    for i, p in enumerate(parameters):
+        if i == 0 or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            continue
+        as_none = given.get(i, given.get(p.name))
+        if as_none:
+            fixed[p.name] = None
+        elif as_none is None and p.default is not inspect.Parameter.empty:
+            fixed[p.name] = p.default
+    return fixed
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -188,11 +198,15 @@ def _name(node: fx.Node) -> str:
     return name
 
 
-def read_forward(module: nn.Module) -> Reading:
-    """Trace ``module``'s forward with its children as leaves and classify every operation between them."""
+def read_forward(module: nn.Module, given: dict | None = None) -> Reading:
+    """Trace ``module``'s forward with its children as leaves and classify every operation between them.
+
+    ``given``: the arguments the model's forward gave it (position or name -> given as None); those given as
+    None or not given are fixed while tracing.
+    """
     reading = Reading()
     try:
-        graph = _ChildrenAsLeaves().trace(module, concrete_args=_concrete_args(module) or None)
+        graph = _ChildrenAsLeaves().trace(module, concrete_args=_concrete_args(module, given) or None)
     except Exception as error:  # noqa: BLE001 - any tracing failure means the forward cannot be read
         detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         reading.blocking.append(f"its forward cannot be traced by torch.fx ({type(error).__name__}: {detail})")
@@ -320,7 +334,7 @@ class _Walk:
             if self.kind(v) != VALUE:
                 self.check(node, "block", "attention whose values are not on the value path")
             return VALUE
-        if any_of(_LINEAR_FUNCTIONS, _LINEAR_METHODS):
+        if any_of(_LINEAR_FUNCTIONS, _LINEAR_METHODS) or (not method and _is_linear_helper(target)):
             self._additive(node, inputs)
             return VALUE
         if any_of(_SELECTIONS, _SELECTION_METHODS):
@@ -375,6 +389,16 @@ _JOINS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
 _ADDITIVE_FUNCTIONS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
                        torch.subtract} | _JOINS
 _ADDITIVE_METHODS = {"add", "add_", "sub", "sub_"}
+
+
+#: helpers libraries register as untraceable (timm's autowrapped functions) that only move values around
+_LINEAR_HELPERS = {"window_partition", "window_reverse", "window_partition_nchw", "window_reverse_nchw",
+                   "grid_partition", "grid_reverse", "grid_partition_nchw", "grid_reverse_nchw"}
+
+
+def _is_linear_helper(target: Any) -> bool:
+    return getattr(target, "__name__", None) in _LINEAR_HELPERS and \
+        (getattr(target, "__module__", "") or "").startswith("timm.")
 
 
 def _flat_args(node: fx.Node) -> list[fx.Node]:
@@ -452,5 +476,8 @@ def rewrite(module: nn.Module, reading: Reading) -> nn.Module:
         rebuilt.register_parameter(name, param)
     for name, buffer in module.named_buffers(recurse=False):
         rebuilt.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
+    for name, value in vars(module).items():  # plain attributes other code may read (num_heads, q_stride, ...)
+        if not name.startswith("_") and name not in vars(rebuilt):
+            setattr(rebuilt, name, value)
     rebuilt.train(module.training)
     return rebuilt

@@ -3,7 +3,7 @@ input channels and the classifier."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,6 +26,7 @@ class Trace:
     classifier_path: str | None
     num_classes: int
     size: int  # the square input size the model ran on
+    given: dict[int, dict] = field(default_factory=dict)  # id(module) -> {argument position/name: given as None}
 
 
 def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -64,12 +65,16 @@ def trace(model: nn.Module) -> Trace:
     consumers: list[str] = []
     dummy_holder: list[torch.Tensor] = []
 
-    def pre_hook(module, args):
+    def pre_hook(module, args, kwargs):
         executed.append(module)
+        kwargs = kwargs or {}
+        given.setdefault(id(module), {}).update({**{i: a is None for i, a in enumerate(args)},
+                                                 **{k: v is None for k, v in kwargs.items()}})
         if args and dummy_holder and args[0] is dummy_holder[0] and next(iter(module.children()), None) is None:
             consumers.append(names[id(module)])
 
-    handles = [m.register_forward_pre_hook(pre_hook) for m in model.modules()]
+    given: dict[int, dict] = {}  # per module: argument position or name -> whether it was given as None
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()]
     try:
         with eval_mode(model), torch.no_grad():
             error = None
@@ -106,4 +111,4 @@ def trace(model: nn.Module) -> Trace:
             classifier_path = names[id(module)]
             break
     return Trace({id(m) for m in executed}, [names[id(m)] for m in executed], first_path, in_chans, classifier_path,
-                 out.shape[1], size)
+                 out.shape[1], size, given)

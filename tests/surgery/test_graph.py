@@ -269,3 +269,55 @@ def test_replaced_modules_stay_alive_during_the_walk():
     bcosify.convert(model, mean=0.5, std=0.25, verify=False,
                     rules={First: Rule("replace", replace_first), Second: Rule("replace", replace_second)})
     assert seen["alive"]
+
+
+class _Affine(nn.Module):
+    """timm HGNet's LearnableAffineBlock: a (1,)-shaped parameter added to the value path is a bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor([1.5]))
+        self.bias = nn.Parameter(torch.tensor([0.1]))
+
+    def forward(self, x):
+        return self.scale * x + self.bias
+
+
+class _OptionalInput(nn.Module):
+    """An argument with a default that the parent passes: traced as given, not fixed at the default."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.heads = 2  # a plain attribute other code may read
+
+    def forward(self, x, extra=None):
+        y = F.gelu(self.conv(x))  # a functional activation: the forward is rewritten
+        return y if extra is None else y + extra
+
+
+def test_a_bias_added_without_batch_dimension_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _Affine(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ConversionError, match="1.bias: .*shape \\(1,\\): a bias no pixel accounts for"):
+        bcosify.convert(model, mean=0.5, std=0.25)
+
+
+def test_arguments_the_parent_gives_are_traced_as_given():
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 1)
+            self.block = _OptionalInput()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.stem(x)
+            return self.fc(self.block(y, y).mean((2, 3)))  # the default None is not what runs
+
+    torch.manual_seed(0)
+    original = Parent().double().eval()
+    exact = bcosify.convert(original, b=1, keep_bias=True, mean=0.5, std=0.25)
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(exact(x), original((x - 0.5) / 0.25), rtol=1e-10, atol=1e-12)
+    assert exact.network.block.heads == 2 and hasattr(exact.network.block, "bcos_act_0")
