@@ -393,7 +393,8 @@ _ADDITIVE_METHODS = {"add", "add_", "sub", "sub_"}
 
 #: helpers libraries register as untraceable (timm's autowrapped functions) that only move values around
 _LINEAR_HELPERS = {"window_partition", "window_reverse", "window_partition_nchw", "window_reverse_nchw",
-                   "grid_partition", "grid_reverse", "grid_partition_nchw", "grid_reverse_nchw"}
+                   "grid_partition", "grid_reverse", "grid_partition_nchw", "grid_reverse_nchw", "blockify",
+                   "deblockify", "reshape_pre_pool", "reshape_post_pool"}
 
 
 def _is_linear_helper(target: Any) -> bool:

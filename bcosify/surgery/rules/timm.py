@@ -84,7 +84,9 @@ _CONTAINERS = (
     timm_swin.PatchMerging,
 )
 
-_KEPT = (timm.layers.SelectAdaptivePool2d, timm.layers.DropPath, timm.layers.LayerScale, timm.layers.PatchDropout)
+_KEPT = (timm.layers.SelectAdaptivePool2d, timm.layers.DropPath, timm.layers.LayerScale, timm.layers.PatchDropout,
+         timm.layers.AvgPool2dSame,  # zero 'SAME' padding, then averaging: linear
+         timm.layers.pool2d_same.MaxPool2dSame)  # -inf 'SAME' padding, then a selection: dynamic linear
 
 RULES: dict[type, Rule] = {
     **{t: Rule(DESCEND) for t in _CONTAINERS},
