@@ -109,6 +109,7 @@ class Reading:
     graph: fx.Graph | None = None
     gate_nodes: list[fx.Node] = field(default_factory=list)
     gate_edges: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)
+    fixed_args: tuple[str, ...] = ()  # forward arguments fixed while tracing (a rewrite would drop them)
     activation_nodes: list[fx.Node] = field(default_factory=list)
 
     @property
@@ -205,8 +206,10 @@ def read_forward(module: nn.Module, given: dict | None = None) -> Reading:
     None or not given are fixed while tracing.
     """
     reading = Reading()
+    fixed = _concrete_args(module, given)
+    reading.fixed_args = tuple(fixed)
     try:
-        graph = _ChildrenAsLeaves().trace(module, concrete_args=_concrete_args(module, given) or None)
+        graph = _ChildrenAsLeaves().trace(module, concrete_args=fixed or None)
     except Exception as error:  # noqa: BLE001 - any tracing failure means the forward cannot be read
         detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         reading.blocking.append(f"its forward cannot be traced by torch.fx ({type(error).__name__}: {detail})")
@@ -239,6 +242,9 @@ def read_forward(module: nn.Module, given: dict | None = None) -> Reading:
             else:
                 reading.gate_children.add(top)
     reading.gate_children -= reading.value_children
+    if reading.ok and reading.rewrites and reading.fixed_args:
+        reading.blocking.append(f"its gates need a rewritten forward, which cannot keep the optional arguments "
+                                f"{', '.join(reading.fixed_args)} it was traced without")
     return reading
 
 

@@ -25,10 +25,21 @@ def verify_conversion(prepared: nn.Module, config: BcosConfig, size: int,
     module whose output diverges when equivalence fails) unless ``config.strict`` is false: then the entry records
     it (modules left as they are make no promise).
     """
-    from ..explanation import explain
-
     generator = torch.Generator().manual_seed(0)
     x = torch.rand(2, config.in_chans, size, size, dtype=torch.float64, generator=generator)
+    try:
+        return _verify(prepared, config, size, convert, x)
+    except ConversionError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a converted model that cannot run or be explained is refused
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ConversionError(f"verification failed: the converted model cannot be run or explained in float64 "
+                              f"({type(error).__name__}: {detail})") from error
+
+
+def _verify(prepared: nn.Module, config: BcosConfig, size: int, convert, x: torch.Tensor) -> ReportEntry:
+    from ..explanation import explain
+
     reference = copy_module(prepared).double().eval()
     # the surgery alone: the options that change the function on purpose are off
     exact = convert(copy_module(reference), config.replace(b=1.0, keep_bias=True, logit_bias=0.0,

@@ -321,3 +321,37 @@ def test_arguments_the_parent_gives_are_traced_as_given():
     with torch.no_grad():
         torch.testing.assert_close(exact(x), original((x - 0.5) / 0.25), rtol=1e-10, atol=1e-12)
     assert exact.network.block.heads == 2 and hasattr(exact.network.block, "bcos_act_0")
+
+
+def test_a_rewrite_that_would_drop_optional_arguments_is_refused():
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x, mask=None):
+            y = F.gelu(self.conv(x))
+            return y if mask is None else y * mask
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 1)
+            self.block = Gated()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.block(self.stem(x), mask=None).mean((2, 3)))
+
+    with pytest.raises(ConversionError, match="block: .*cannot keep the optional arguments mask"):
+        bcosify.convert(Parent(), mean=0.5, std=0.25)
+
+
+def test_a_converted_model_that_cannot_run_is_refused_not_crashed():
+    class Boom(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("shape trouble")
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Identity(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ConversionError, match="cannot be run or explained .*RuntimeError: shape trouble"):
+        bcosify.convert(model, mean=0.5, std=0.25, rules={nn.Identity: Rule("replace", lambda m, ctx: Boom())})
