@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import bcosify
 from bcosify.demo import efficientnet_lite0_checkpoint_path

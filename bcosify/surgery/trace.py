@@ -29,10 +29,6 @@ class Trace:
     given: dict[int, dict] = field(default_factory=dict)  # id(module) -> {argument position/name: given as None}
 
 
-def _leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(p, m) for p, m in model.named_modules() if next(iter(m.children()), None) is None]
-
-
 def _in_chans(model: nn.Module) -> int:
     """Input channels: the model's own ``in_chans`` (timm), else the first ``Conv2d`` in module order."""
     declared = getattr(model, "in_chans", None)

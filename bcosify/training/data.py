@@ -7,7 +7,6 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ..config import Options

@@ -47,7 +47,7 @@ def _weights(out: pathlib.Path, checkpoint: str | None = None) -> dict[str, torc
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     # one process: updates of 32 images; two processes: each accumulates 2 micro-batches of 8 per update (DDP
     # averages the gradients of the last one only), the same 32 images of the shuffled data set
-    single = _run(["-m", "bcosify", "finetune", *FASHION, "--batch-size", "32", "--out", "single"], tmp_path)
+    _run(["-m", "bcosify", "finetune", *FASHION, "--batch-size", "32", "--out", "single"], tmp_path)
     ddp = _run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE / "rank_folder_entry.py"),
                 str(tmp_path / "ddp"), "finetune", *FASHION, "--batch-size", "8", "--grad-accum", "2", "--out", "run"],
                tmp_path)

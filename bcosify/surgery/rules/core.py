@@ -14,7 +14,7 @@ from ...nn import (BcosConv2d, BcosLinear, DetachableGroupNorm, DetachableLayerN
                    UncenteredBatchNorm2d, gated, gelu_gate, gelu_tanh_gate, hardswish_gate, relu6_gate)
 from ...nn.head import ClassifierBeforePooling, MeanPatchTokens
 from ..report import GATED, REPLACED
-from .base import DESCEND, GATE, KEEP, REPLACE, Builder, Context, Rule
+from .base import DESCEND, KEEP, REPLACE, Builder, Context, Rule
 
 #: exact types of linear layers (the classifier, a ``qkv`` projection) and of first layers that can take the
 #: folded input normalization; other libraries' rule modules add theirs
