@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
@@ -129,6 +129,13 @@ def build_loaders(train: Dataset, val: Dataset, batch_size: int, *, workers: int
     val_share = Subset(val, range(rank, len(val), world_size)) if world_size > 1 else val
     return (DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True, **common),
             DataLoader(val_share, batch_size=batch_size, **common))
+
+
+def set_epoch(loader: Iterable, epoch: int) -> None:
+    """Give ``loader``'s ``DistributedSampler`` the epoch, so that every epoch is shuffled anew."""
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
 
 
 def folder_root(data: str | pathlib.Path) -> dict[str, str]:

@@ -20,6 +20,7 @@ from ..errors import BcosifyError
 from ..model import BcosModel
 from ..utils import atomic_write, eval_mode
 from .config import FinetuneConfig, History
+from .data import set_epoch
 from .distributed import all_sum, is_distributed, is_main
 from .state import latest_checkpoint, load_checkpoint, save_checkpoint
 
@@ -186,8 +187,7 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
         if resuming:
             torch.set_rng_state(resume_meta["epoch_start_rng"])
         epoch_start_rng = torch.get_rng_state()
-        if hasattr(getattr(train, "sampler", None), "set_epoch"):
-            train.sampler.set_epoch(epoch)  # DistributedSampler: a new shuffle each epoch
+        set_epoch(train, epoch)
         batches = iter(train)
         if resuming and skip_batches:
             for _ in range(skip_batches):
@@ -296,6 +296,7 @@ def train_original(model: nn.Module, train: Iterable, *, mean: Sequence[float], 
     accuracies = []
     for epoch in range(epochs):
         model.train()
+        set_epoch(train, epoch)
         bar = tqdm(train, desc=f"original {epoch + 1}/{epochs}", leave=False, disable=not progress)
         for batch in bar:
             x, y = _split_batch(batch)
