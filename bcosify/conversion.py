@@ -6,6 +6,7 @@ import math
 import os
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from .config import BcosConfig
@@ -149,4 +150,21 @@ def _timm_spec(model: nn.Module, in_chans: int, num_classes: int) -> dict[str, A
     architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if not architecture or not type(model).__module__.startswith("timm."):
         return {}
-    return {"spec": f"timm:{architecture}", "model_kwargs": {"in_chans": in_chans, "num_classes": num_classes}}
+    spec = {"spec": f"timm:{architecture}", "model_kwargs": {"in_chans": in_chans, "num_classes": num_classes}}
+    return spec if _rebuilds(model, spec["spec"], spec["model_kwargs"]) else {}
+
+
+def _rebuilds(model: nn.Module, spec: str, model_kwargs: dict[str, Any]) -> bool:
+    """Whether ``spec`` with ``model_kwargs`` builds ``model``'s architecture (same state-dict names and shapes).
+
+    A timm instance built with other constructor arguments (``img_size``, ``depths``, ...) records no spec, so
+    ``load`` asks for its skeleton instead of building the wrong network. Built on the meta device (no memory);
+    an architecture that cannot be built there is trusted.
+    """
+    try:
+        with torch.device("meta"):
+            rebuilt = build_model(spec, weights=None, model_kwargs=model_kwargs)
+    except Exception:  # noqa: BLE001 - any failure to build on the meta device leaves the spec as it is
+        return True
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return ours == {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}

@@ -170,5 +170,9 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None) -> BcosModel
                                   "pass its unconverted skeleton as load(folder, model=...)")
         model = build_model(config.spec, weights=None, model_kwargs=config.model_kwargs)
     bmodel = convert(model, config)
-    load_weights(bmodel, read_state_dict(folder / WEIGHTS_FILE))
+    state = read_state_dict(folder / WEIGHTS_FILE)
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        bmodel.to(dtypes.pop())  # a model saved in float64 (or bfloat16) loads in that precision
+    load_weights(bmodel, state)
     return bmodel.eval()

@@ -250,3 +250,31 @@ def test_timm_instance_round_trips_without_skeleton(tmp_path):
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), bmodel(x))
+
+
+def test_timm_instance_with_other_constructor_arguments_asks_for_its_skeleton(tmp_path):
+    """A timm ViT built for 64 px records no spec (the spec would rebuild a 224 px one with other shapes)."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=64, depth=2).eval()
+    bmodel = bcosify.convert(model).eval()
+    assert bmodel.config.spec is None
+    bcosify.save(bmodel, tmp_path / "m")
+    with pytest.raises(CheckpointError, match="skeleton"):
+        bcosify.load(tmp_path / "m")
+    loaded = bcosify.load(tmp_path / "m", model=timm.create_model("vit_tiny_patch16_224", pretrained=False,
+                                                                  num_classes=3, img_size=64, depth=2))
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), bmodel(x))
+
+
+def test_float64_model_loads_in_float64(saved, tmp_path):
+    bmodel, _ = saved
+    bcosify.save(bmodel.double(), tmp_path / "m64")
+    bmodel.float()
+    loaded = bcosify.load(tmp_path / "m64")
+    assert {p.dtype for p in loaded.parameters()} == {torch.float64}
+    x = images().double()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), bmodel.double()(x))
+    bmodel.float()
