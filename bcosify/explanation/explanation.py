@@ -144,7 +144,12 @@ def _explain_batch(model: BcosModel, x: torch.Tensor, target) -> Explanation:
         with torch.enable_grad(), model.explanation_mode():
             z = model.encode(x).detach().requires_grad_(True)
             with per_sample_constants(model.network, model.constants, len(z)) as constants:
-                raw_logits = model.network(z)  # without the logit bias, which would swamp tiny logits' precision
+                try:
+                    raw_logits = model.network(z)  # without the logit bias, which would swamp tiny logits' precision
+                except RuntimeError as error:
+                    if constants and len(z) > 1:
+                        raise _BatchedConstantsFailed from error
+                    raise
             target = _resolve_target(target, raw_logits.detach())
             selected = raw_logits.gather(1, target[:, None])[:, 0]
             weights, *constant_grads = torch.autograd.grad(selected.sum(), [z, *constants], allow_unused=True)
@@ -206,4 +211,13 @@ def explain(model: BcosModel, x: torch.Tensor, target: int | torch.Tensor | None
             chunks.append(explain(model, x[start:start + batch_size], part))
         return _concatenate(chunks)
     with eval_mode(model):
-        return _explain_batch(model, x, target)
+        try:
+            return _explain_batch(model, x, target)
+        except _BatchedConstantsFailed:
+            # a forward that reshapes a constant as having batch size 1 (timm's resample_abs_pos_embed at another
+            # image size): one image at a time, where the per-sample copies have the constant's own shape
+            return explain(model, x, target, batch_size=1)
+
+
+class _BatchedConstantsFailed(Exception):
+    """The network's forward could not run with per-sample copies of its constants."""

@@ -73,6 +73,18 @@ def test_constants_contribution_is_the_gradient_dot_product():
     torch.testing.assert_close(e.constant_contribution[0], expected.detach(), rtol=1e-10, atol=0)
 
 
+def test_dynamic_image_size_explains_images_of_another_size():
+    """timm resamples ``pos_embed`` to the image (``dynamic_img_size``) assuming batch size 1: explain falls back to
+    one image at a time, with the same numbers, and completeness holds."""
+    bmodel = _bcos(_timm_vit(dynamic_img_size=True))
+    x = torch.rand(3, 3, 48, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    e = bcosify.explain(bmodel, x, target=torch.tensor([0, 4, 9]))
+    assert e.contributions.shape == (3, 48, 48) and e.target.tolist() == [0, 4, 9]
+    assert e.completeness_error.max() < 1e-6
+    assert bool((e.constant_contribution.abs() > 1e-3 * e.explained_logit.abs()).all())
+    assert_batch_matches_single(bmodel, x, e.target, ("constant_contribution", "contributions"), rtol=1e-9)
+
+
 def test_explain_restores_the_constant_parameters():
     bmodel = _bcos(_tv_vit())
     before = list(bmodel.named_parameters())
