@@ -9,6 +9,7 @@ linear form (completeness holds as before) and nothing new to save or load.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -28,6 +29,13 @@ _CHANNEL_DIM: dict[type, int] = {BcosConv2d: 1, BcosLinear: -1, UncenteredBatchN
                                  DetachableLayerNorm2d: 1, DetachableLayerNorm: -1}
 
 
+@dataclass(frozen=True)
+class _Settings:
+    target_rms: float
+    max_spread: float
+    min_channel_values: int
+
+
 @dataclass
 class _Layer:
     """One calibrated layer: its running output statistics and those of its counterpart in the original."""
@@ -41,6 +49,7 @@ class _Layer:
     target_count: int = 0
     var_sum: torch.Tensor | None = None  # BatchNorm: sum of the batch variances of the input
     var_batches: int = 0
+    var_values: int = 0  # BatchNorm: values per channel seen
     handles: list = field(default_factory=list)
 
     @property
@@ -50,25 +59,41 @@ class _Layer:
 
 @torch.no_grad()
 def calibrate(bmodel: BcosModel, images: torch.Tensor | Iterable[Any], *, original: nn.Module | None = None,
-              max_batches: int | None = None, progress: bool = True) -> BcosModel:
+              max_batches: int | None = None, target_rms: float = 1.0, max_spread: float = 4.0,
+              min_channel_values: int = 256, progress: bool = True) -> BcosModel:
     """Restore the activation scale of a converted model from unlabelled images, in place.
 
-    Every B-cos layer and normalization layer, in execution order, gets one gain per output channel so that the
-    channel's root mean square over the images matches that of the same module in ``original`` on the same
-    images (the module at the same path; for timm's norm-act layers the norm's output before the activation; for a
-    split ``qkv`` projection its ``v`` part). Uncentred BatchNorms also get their running variance re-estimated.
-    Where there is no counterpart (no ``original``, a replaced classifier, a different channel count) a B-cos layer
-    gets unit RMS per channel and a normalization layer keeps its scale. Unit RMS suits freshly converted or random
-    weights; pass ``original`` for a pretrained model.
+    Every B-cos layer and normalization layer, in execution order, gets gains on its output channels so that its
+    activations' root mean square (RMS) over the images matches that of the same module in ``original`` on the
+    same images (the module at the same path; for timm's norm-act layers the norm's output before the activation;
+    for a split ``qkv`` projection its ``v`` part). Uncentred BatchNorms also get their running variance
+    re-estimated, so that training mode (batch statistics) starts where eval mode is. Where there is no
+    counterpart (no ``original``, a replaced classifier, a different channel count) a B-cos layer gets RMS
+    ``target_rms`` and a normalization layer keeps its scale. That suits freshly converted or random weights;
+    pass ``original`` for a pretrained model.
 
-    One batch is matched exactly. Over several batches the statistics accumulate while the gains of earlier
-    layers still move from batch to batch, so the match is approximate (each gain uses every batch seen so far);
-    give the images as one batch where memory allows.
+    Robustness (statistics from a few images). A layer gain matches the RMS over all of the layer's channels; a
+    channel's own factor on top of it is bounded to ``[1/max_spread, max_spread]``, and both the per-channel
+    factors and a BatchNorm's re-estimated variance are used only once every channel has ``min_channel_values``
+    values (images times positions or tokens); fewer give one gain per layer and the variance is left as it
+    was. Unbounded, the per-channel gains and variances from four 32x32 images drive a random-init
+    EfficientNet-B0's logits on other images to 1e14 (either alone to 1e12: a channel nearly silent on the
+    calibration images, or with a nearly constant value there, gets a huge gain, and the errors compound over
+    80 layers); with these bounds the logits stay of order 1.
+    ``max_spread=math.inf, min_channel_values=1`` matches every channel exactly on the calibration images.
+
+    One batch is matched exactly (up to the bounds). Over several batches the statistics accumulate while the
+    gains of earlier layers still move from batch to batch, so the match is approximate (each gain uses every
+    batch seen so far); give the images as one batch where memory allows.
 
     The gains are baked into the weights: a bias-free B-cos layer is positively homogeneous, ``out(c w) =
     c^b out(w)``, so a row scaled by ``c^(1/b)`` scales its output by ``c`` (a kept bias is scaled by ``c``); a
     normalization layer's weight and bias are scaled by ``c``. The model stays dynamic linear, and
     :func:`bcosify.save`/:func:`bcosify.load` carry the result as they carry any weights.
+
+    An ``original`` with degenerate statistics of its own (random-init torchvision EfficientNets, whose
+    activations fade to 1e-15 with depth) is matched on the calibration images, but such a match does not carry
+    over to other images; calibrate random-init models without ``original``.
 
     Args:
         bmodel: a :class:`BcosModel` from :func:`bcosify.convert` with ``normalize_weights=False`` (unit-norm
@@ -77,14 +102,18 @@ def calibrate(bmodel: BcosModel, images: torch.Tensor | Iterable[Any], *, origin
             batches or of ``(images, labels, ...)`` batches (labels are ignored).
         original: the unconverted model (eval mode is used; it takes normalized images, as it always did).
         max_batches: use at most this many batches.
+        target_rms: the RMS of a B-cos layer's output where there is no counterpart to match.
+        max_spread: bound (>= 1) on a channel's gain relative to its layer's gain; 1 gives one gain per layer.
+        min_channel_values: values per channel (over all images seen) needed for per-channel gains and for
+            re-estimating a BatchNorm's variance.
         progress: show a progress bar over the batches.
 
     Returns:
         ``bmodel``, calibrated (its train/eval mode is kept).
 
     Raises:
-        ValueError: no images, images of the wrong shape or channel count, or values outside [0, 1]; a model
-            with unit-norm weights.
+        ValueError: no images, images of the wrong shape or channel count, NaN or values outside [0, 1]; a
+            model with unit-norm weights; an out-of-range setting.
     """
     if not isinstance(bmodel, BcosModel):
         raise TypeError(f"calibrate needs a BcosModel (from bcosify.convert), got {type(bmodel).__name__}")
@@ -92,15 +121,22 @@ def calibrate(bmodel: BcosModel, images: torch.Tensor | Iterable[Any], *, origin
         raise TypeError("original must be the unconverted model, not a BcosModel")
     if max_batches is not None and max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
+    if not (math.isfinite(target_rms) and target_rms > 0):
+        raise ValueError(f"target_rms must be a positive number, got {target_rms}")
+    if not max_spread >= 1:
+        raise ValueError(f"max_spread must be >= 1 (1: one gain per layer), got {max_spread}")
+    if min_channel_values < 1:
+        raise ValueError(f"min_channel_values must be >= 1, got {min_channel_values}")
+    settings = _Settings(float(target_rms), float(max_spread), int(min_channel_values))
     layers = _calibrated_layers(bmodel.network)
     parameter = next(bmodel.parameters())
     original_parameter = next(original.parameters(), parameter) if original is not None else None
     seen = 0
     try:
         for layer in layers:
-            layer.handles.append(layer.module.register_forward_hook(_rescale_output(layer)))
+            layer.handles.append(layer.module.register_forward_hook(_rescale_output(layer, settings)))
             if isinstance(layer.module, UncenteredBatchNorm2d):
-                layer.handles.append(layer.module.register_forward_pre_hook(_reestimate_variance(layer)))
+                layer.handles.append(layer.module.register_forward_pre_hook(_reestimate_variance(layer, settings)))
             if original is not None:
                 _watch_counterpart(layer, original, bmodel.network)
         with eval_mode(bmodel, *([original] if original is not None else [])):
@@ -162,7 +198,7 @@ def _channel_sq(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, int]:
     return flat.square().sum(0), flat.shape[0]
 
 
-def _rescale_output(layer: _Layer):
+def _rescale_output(layer: _Layer, settings: _Settings):
     def hook(module: nn.Module, inputs, out: torch.Tensor) -> torch.Tensor:
         sq, count = _channel_sq(out, layer.dim)
         layer.out_sq = sq if layer.out_sq is None else layer.out_sq + sq
@@ -171,11 +207,10 @@ def _rescale_output(layer: _Layer):
         if layer.target_count and layer.target_sq.shape == current.shape:
             target = layer.target_sq / layer.target_count
         elif layer.is_bcos:
-            target = torch.ones_like(current)
+            target = torch.full_like(current, settings.target_rms ** 2)
         else:
             return out  # a norm layer without counterpart keeps its own scale
-        usable = (current > 0) & (target > 0)
-        gain = torch.where(usable, (target / current.where(usable, 1.0)).sqrt(), 1.0)
+        gain = _gains(current, target, layer.out_count, settings)
         _bake_gain(module, gain, layer.is_bcos)
         layer.out_sq *= gain.square()
         shape = [1] * out.dim()
@@ -183,6 +218,23 @@ def _rescale_output(layer: _Layer):
         return out * gain.to(out.dtype).view(shape)
 
     return hook
+
+
+def _gains(current: torch.Tensor, target: torch.Tensor, values: int, settings: _Settings) -> torch.Tensor:
+    """Per-channel gains that bring mean squares ``current`` (from ``values`` values per channel) to ``target``.
+
+    The layer gain matches the mean square over all channels; a channel's own factor on top of it is bounded to
+    ``[1/max_spread, max_spread]`` and used only with at least ``min_channel_values`` values per channel.
+    """
+    usable = (current > 0) & (target > 0)
+    if not bool(usable.any()):
+        return torch.ones_like(current)
+    layer_gain = (target[usable].sum() / current[usable].sum()).sqrt()
+    if values < settings.min_channel_values or settings.max_spread == 1:
+        return layer_gain.expand_as(current).clone()
+    channel = (target / current.where(usable, 1.0)).sqrt() / layer_gain
+    spread = settings.max_spread
+    return layer_gain * torch.where(usable, channel.clamp(1 / spread, spread), 1.0)
 
 
 def _bake_gain(module: nn.Module, gain: torch.Tensor, is_bcos: bool) -> None:
@@ -196,8 +248,9 @@ def _bake_gain(module: nn.Module, gain: torch.Tensor, is_bcos: bool) -> None:
         module.bias.mul_(gain.to(module.bias.dtype))
 
 
-def _reestimate_variance(layer: _Layer):
-    """BatchNorm: running variance = mean of the (unbiased) batch variances of the inputs seen so far."""
+def _reestimate_variance(layer: _Layer, settings: _Settings):
+    """BatchNorm: running variance = mean of the (unbiased) batch variances of the inputs seen so far, once there
+    are ``min_channel_values`` values per channel (a variance from fewer is left as it was)."""
 
     def hook(module: UncenteredBatchNorm2d, inputs) -> None:
         (x,) = inputs
@@ -205,6 +258,9 @@ def _reestimate_variance(layer: _Layer):
         var = x.double().var(dim=(0, 2, 3), unbiased=False) * (n / max(n - 1, 1))
         layer.var_sum = var if layer.var_sum is None else layer.var_sum + var
         layer.var_batches += 1
+        layer.var_values += int(n)
+        if layer.var_values < settings.min_channel_values:
+            return
         old = module.running_var.double() + module.eps
         new = layer.var_sum / layer.var_batches
         module.running_var.copy_(new)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -15,6 +17,8 @@ from bcosify.nn import (BcosConv2d, BcosLinear, DetachableGroupNorm, DetachableL
 #: the calibrated layer types and the channel dimension of their outputs
 CHANNEL_DIM = {BcosConv2d: 1, BcosLinear: -1, UncenteredBatchNorm2d: 1, DetachableGroupNorm: 1,
                DetachableLayerNorm2d: 1, DetachableLayerNorm: -1}
+#: settings that match every channel exactly on the calibration images (no bounds)
+EXACT = {"max_spread": math.inf, "min_channel_values": 1, "progress": False}
 #: deep random-init networks, small enough for CI (VGG without BatchNorm, with a narrow MLP head)
 MODELS = {
     "vgg11": {"mlp_ratio": 1 / 64},
@@ -64,11 +68,62 @@ def test_restores_scale_of_a_deep_random_network(one_thread, name):
     bmodel = bcosify.convert(_original(name, torch.float32))
     x = _images(16, seed=1, dtype=torch.float32)
     assert _logits(bmodel, x).abs().max() < 1e-5  # activations shrink layer after layer (to 0 for the VGG)
-    bcosify.calibrate(bmodel, x, progress=False)  # no original: unit RMS per channel
+    bcosify.calibrate(bmodel, x, progress=False)  # no original: unit RMS
     logits = _logits(bmodel, x)
-    torch.testing.assert_close(_channel_rms(logits, 1), torch.ones(10), rtol=1e-4, atol=0)
+    # 16 values per logit are too few for per-channel gains (min_channel_values): one gain for the layer
+    torch.testing.assert_close(logits.pow(2).mean().sqrt(), torch.tensor(1.0), rtol=1e-4, atol=0)
     held_out = _logits(bmodel, _images(16, seed=2, dtype=torch.float32))
     assert torch.isfinite(held_out).all() and 0.01 < held_out.pow(2).mean().sqrt() < 100
+
+
+@pytest.mark.parametrize("spec", ["timm:efficientnet_b0", "torchvision:mobilenet_v2", "timm:mobilenetv2_100"])
+def test_logits_of_order_one_on_other_images_after_calibrating_on_four(one_thread, spec):
+    """Statistics from 4 images, then 24 other images: logits of order 1, and well conditioned."""
+    torch.manual_seed(0)
+    original = bcosify.weights.build_model(spec, weights=None, model_kwargs={"num_classes": 10}).double().eval()
+    bmodel = bcosify.calibrate(bcosify.convert(original), _images(4, seed=1), progress=False).eval()
+    x = _images(24, seed=2)
+    e = bcosify.explain(bmodel, x)
+    # a random-init network at b=2 gives logits whose size varies a lot from image to image (the B0's per-image
+    # RMS spans 0.1 to 65 here): the median is of order 1, and nothing explodes
+    per_image = _logits(bmodel, x).pow(2).mean(1).sqrt()
+    assert 0.1 < per_image.median() < 10 and per_image.max() < 1e3, per_image
+    with torch.no_grad():  # explanation mode changes gradients only: equal to round-off, as it is well conditioned
+        torch.testing.assert_close(e.logits, bmodel(x), rtol=1e-10, atol=0)
+    assert e.completeness_error.max().item() < 1e-10
+    if spec == "timm:efficientnet_b0":  # without the bounds: per-channel statistics of 4 images blow it up
+        unbounded = bcosify.calibrate(bcosify.convert(original), _images(4, seed=1), **EXACT).eval()
+        with torch.no_grad():
+            assert unbounded.network(unbounded.encode(x)).pow(2).mean(1).sqrt().median() > 1e6
+
+
+def test_target_rms_and_one_gain_per_layer_below_min_channel_values(one_thread):
+    bmodel = bcosify.convert(_original("resnet18"))
+    before = {path: m.weight.detach().clone() for path, m in bmodel.network.named_modules()
+              if isinstance(m, BcosConv2d)}
+    x = _images(4, seed=1)
+    bcosify.calibrate(bmodel, x, target_rms=3.0, min_channel_values=10**9, progress=False)
+    torch.testing.assert_close(_logits(bmodel, x).pow(2).mean().sqrt(), torch.tensor(3.0, dtype=torch.float64),
+                               rtol=1e-9, atol=0)
+    for path, weight in before.items():  # every row of a layer scaled by the same factor
+        after = bmodel.network.get_submodule(path).weight.detach()
+        ratio = after.flatten(1).norm(dim=1) / weight.flatten(1).norm(dim=1)
+        torch.testing.assert_close(ratio, ratio[0].expand_as(ratio), rtol=1e-12, atol=0, msg=path)
+
+
+def test_per_channel_gains_stay_within_max_spread_of_the_layer_gain(one_thread):
+    bmodel = bcosify.convert(_original("vgg11"))
+    before = bmodel.network.get_submodule("features.0").weight.detach().clone()
+    x = _images(4, seed=1)  # 32x32 positions x 4 images per channel of the first conv: per-channel gains
+    bcosify.calibrate(bmodel, x, max_spread=1.5, progress=False)
+    after = bmodel.network.get_submodule("features.0").weight.detach()
+    gain = (after.flatten(1).norm(dim=1) / before.flatten(1).norm(dim=1)) ** bmodel.b  # output gain per channel
+    spread = gain.max() / gain.min()
+    assert 1.5 < spread <= 1.5 ** 2 * (1 + 1e-9)  # channels differ, but by no more than the bound allows
+    unbounded = bcosify.calibrate(bcosify.convert(_original("vgg11")), x, max_spread=math.inf, min_channel_values=1,
+                                  progress=False)
+    out = _rms_by_path(unbounded.network, unbounded.encode(x), {"features.0": 1})["features.0"]
+    torch.testing.assert_close(out, torch.ones_like(out), rtol=1e-9, atol=0)  # every channel matched exactly
 
 
 @pytest.mark.parametrize("name, keep_bias", [(name, False) for name in MODELS] + [("efficientnet_lite0", True)])
@@ -76,7 +131,7 @@ def test_matches_the_originals_statistics_layer_by_layer(one_thread, name, keep_
     original = _original(name)
     bmodel = bcosify.convert(original, keep_bias=keep_bias)
     x = _images(8, seed=1)
-    bcosify.calibrate(bmodel, x, original=original, progress=False)
+    bcosify.calibrate(bmodel, x, original=original, **EXACT)
     calibrated = {path: CHANNEL_DIM[type(m)] for path, m in bmodel.network.named_modules() if type(m) in CHANNEL_DIM}
     converted = _rms_by_path(bmodel.network, bmodel.encode(x), calibrated)
     counterparts = {}
@@ -137,15 +192,16 @@ def test_batches_from_a_loader_are_all_used(one_thread):
     x = _images(16, seed=1)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(16, dtype=torch.long)),
                                          batch_size=4)
-    from_loader = bcosify.calibrate(bcosify.convert(original), loader, original=original, progress=False)
-    one_batch = bcosify.calibrate(bcosify.convert(original), x[:4], original=original, progress=False)
+    from_loader = bcosify.calibrate(bcosify.convert(original), loader, original=original, **EXACT)
+    one_batch = bcosify.calibrate(bcosify.convert(original), x[:4], original=original, **EXACT)
     fc = lambda b: _channel_rms(_logits(b, x), 1)  # noqa: E731
     target = _channel_rms(original(normalize(x, from_loader.config.mean, from_loader.config.std)), 1)
     # over several batches the match is approximate (earlier gains move from batch to batch: 0.12 measured, as a
     # log ratio) but far closer than from the first batch alone (2.8)
     from_loader_error = (fc(from_loader) / target).log().abs().max()
     assert from_loader_error < 0.25 * (fc(one_batch) / target).log().abs().max()
-    limited = bcosify.calibrate(bcosify.convert(original), loader, original=original, max_batches=1, progress=False)
+    limited = bcosify.calibrate(bcosify.convert(original), loader, original=original, max_batches=1,
+                                **EXACT)
     torch.testing.assert_close(_logits(limited, x), _logits(one_batch, x), rtol=1e-12, atol=0)
 
 
@@ -179,9 +235,10 @@ def test_converting_a_spec_calibrates_against_the_unconverted_network(one_thread
     torch.manual_seed(0)  # the same random weights
     original = bcosify.weights.build_model("timm:resnet18", None, {"num_classes": 10}).eval()
     with torch.no_grad():
-        target = _channel_rms(original(normalize(x, bmodel.config.mean, bmodel.config.std)), 1)
-    torch.testing.assert_close(_channel_rms(_logits(bmodel, x), 1), target, rtol=1e-4, atol=0)
-    assert not torch.allclose(target, torch.ones(10), rtol=0.5)  # (unit RMS, the fallback, would not pass)
+        target = original(normalize(x, bmodel.config.mean, bmodel.config.std)).pow(2).mean().sqrt()
+    # 4 values per logit: one gain for the classifier, matching the RMS over all logits
+    torch.testing.assert_close(_logits(bmodel, x).pow(2).mean().sqrt(), target, rtol=1e-4, atol=0)
+    assert not 0.5 < target < 2  # (unit RMS, the fallback, would not pass)
 
 
 def _no_hooks(*models: nn.Module) -> bool:
@@ -194,6 +251,7 @@ def _no_hooks(*models: nn.Module) -> bool:
     (_images(2, seed=1) * 2, r"\[0, 1\]"),
     ([_images(2, seed=1), _images(2, seed=2) - 0.5], r"\[0, 1\]"),
     (_images(2, seed=1)[0], r"shape \(N, 3, H, W\)"),
+    ([_images(2, seed=1), _images(2, seed=2).index_fill(2, torch.tensor([3]), math.nan)], "NaN"),
 ])
 def test_bad_images_are_refused(one_thread, images, message):
     original = _original("resnet18")
@@ -212,6 +270,10 @@ def test_bad_arguments_are_refused(one_thread):
         bcosify.calibrate(original, x, progress=False)
     with pytest.raises(TypeError, match="unconverted"):
         bcosify.calibrate(bcosify.convert(original), x, original=bcosify.convert(original), progress=False)
+    for setting, message in [({"target_rms": 0.0}, "target_rms"), ({"target_rms": math.nan}, "target_rms"),
+                             ({"max_spread": 0.5}, "max_spread"), ({"min_channel_values": 0}, "min_channel_values")]:
+        with pytest.raises(ValueError, match=message):
+            bcosify.calibrate(bcosify.convert(original), x, progress=False, **setting)
     with pytest.raises(TypeError, match="batch"):
         bcosify.calibrate(bcosify.convert(original), [{"image": x}], progress=False)
 
