@@ -49,6 +49,30 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-pool", choices=["mean"], default=None,
                    help="ViTs: classify the mean of the patch tokens instead of the class token")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON constructor arguments, e.g. \'{"in_chans": 1}\'')
+    _add_calibration_arguments(p, size=True)
+
+
+def _add_calibration_arguments(p: argparse.ArgumentParser, size: bool) -> None:
+    p.add_argument("--calibrate-data", type=pathlib.Path, metavar="DIR",
+                   help="calibrate the converted model (bcosify.calibrate) against the original on the images in "
+                        "DIR (any depth: class sub-folders or none; labels are not read)")
+    p.add_argument("--calibrate-images", type=int, default=64, metavar="N",
+                   help="calibrate on at most N images of DIR, evenly spaced (default 64)")
+    if size:
+        p.add_argument("--size", type=int, default=224,
+                       help="calibration images are resized and centre-cropped to this (default 224)")
+
+
+def _calibration_images(args: argparse.Namespace, size: int, channels: int):
+    """The ``--calibrate-data`` images as one batch, or ``None`` without the option."""
+    from .data import unlabelled_images
+
+    if args.calibrate_data is None:
+        return None
+    for flag, value in (("--calibrate-images", args.calibrate_images), ("--size", size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    return unlabelled_images(args.calibrate_data, size, channels, limit=args.calibrate_images)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -56,14 +80,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
     import bcosify
 
     weights = None if args.weights.lower() == "none" else args.weights
+    images = _calibration_images(args, args.size, int(args.model_kwargs.get("in_chans", 3)))
     bmodel = bcosify.convert(args.spec, weights=weights, key_map=args.key_map, model_kwargs=args.model_kwargs,
                              num_classes=args.num_classes, b=args.b, keep_bias=args.keep_bias, mean=args.mean,
                              std=args.std, normalize_weights=args.normalize_weights,
                              maxpool_to_avgpool=args.maxpool_to_avgpool, gap_reorder=args.gap_reorder,
-                             token_pool=args.token_pool)
+                             token_pool=args.token_pool, calibrate=images)
     bcosify.save(bmodel, args.out)
     counts = ", ".join(f"{n} {a}" for a, n in bmodel.report.counts().items())
-    print(f"converted {args.spec} ({counts}); saved to {args.out}")
+    calibrated = f"; calibrated on {len(images)} images from {args.calibrate_data}" if images is not None else ""
+    print(f"converted {args.spec} ({counts}){calibrated}; saved to {args.out}")
     return 0
 
 
@@ -334,12 +360,14 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda")
     p.add_argument("--amp", choices=["auto", "off", "bf16"], help="bf16 autocast (default auto: on CUDA)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_calibration_arguments(p, size=False)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a converted model with a recipe; under torchrun --nproc-per-node=N, with N processes (DDP)."""
     import torch
 
+    import bcosify
     from .training import FinetuneConfig, load_recipe
     from .training.data import DataConfig, build_datasets, folder_root, per_process_batch
     from .training.distributed import world
@@ -374,8 +402,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if (bmodel.num_classes, bmodel.in_chans) != (len(classes), data.channels):
         raise ValueError(f"the model {model!r} takes {bmodel.in_chans} channels and has {bmodel.num_classes} "
                          f"classes; the data have {data.channels} channels and {len(classes)} classes")
+    if args.calibrate_data is not None:
+        if original is None:
+            raise ValueError("--calibrate-data matches the converted model to the original: give the model as a "
+                             "spec, or calibrate when converting (bcosify convert --calibrate-data)")
+        bcosify.calibrate(bmodel, _calibration_images(args, data.size, data.channels), original=original,
+                          progress=not args.no_progress)
     history = run_finetune(bmodel, train, val, config, args.out, batch_size=batch, workers=data.workers,
-                           class_names=classes, teacher=original if config.loss == "distill" else None)
+                           class_names=classes,
+                           teacher=original if config.loss in ("distill", "align") else None)
     if rank == 0:
         last = history.epochs[-1] if history.epochs else {}
         accuracy = f"; validation accuracy {last['val_accuracy']:.2%}" if "val_accuracy" in last else ""

@@ -1,7 +1,8 @@
 """Data in: datasets and image files as images in [0, 1], the input normalization constants, and
 ``normalize`` (the one ``(x - mean) / std``).
 
-Fashion-MNIST from its IDX files, any image folder, single image files, and scikit-image's sample photos.
+Fashion-MNIST from its IDX files, any image folder (with or without class sub-folders), single image files,
+and scikit-image's sample photos.
 """
 
 from __future__ import annotations
@@ -270,6 +271,45 @@ def load_image(path: str | os.PathLike, size: int = 224, *, crop_pct: float = 0.
         raise FileNotFoundError(f"image file not found: {str(path)!r}") from None
     except (UnidentifiedImageError, OSError) as error:
         raise OSError(f"cannot read image {str(path)!r}: {error}") from None
+
+
+#: file name endings read as images (torchvision's ImageFolder list)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def image_files(root: str | os.PathLike) -> list[pathlib.Path]:
+    """Every image file under ``root``, at any depth (class sub-folders or none), in sorted order.
+
+    Raises:
+        DataError: ``root`` is not a folder, or holds no image files.
+    """
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} not found")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in {str(root)!r} or its sub-folders")
+    return files
+
+
+def unlabelled_images(root: str | os.PathLike, size: int = 224, channels: int = 3, *,
+                      limit: int | None = None) -> torch.Tensor:
+    """The images under ``root`` (a class-folder tree or a plain folder; labels are not read) as one
+    ``(N, channels, size, size)`` batch in [0, 1], each resized and centre-cropped (:func:`load_image`).
+
+    ``limit`` takes at most that many files, evenly spaced in sorted order (so that every class folder of a tree
+    contributes).
+
+    Raises:
+        DataError: ``root`` is missing or holds no image files.
+        OSError: an image file cannot be read.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive integer, got {limit}")
+    files = image_files(root)
+    if limit is not None and limit < len(files):
+        files = [files[i * len(files) // limit] for i in range(limit)]
+    return torch.stack([load_image(path, size, channels=channels) for path in files])
 
 
 def sample_photos(size: int = 224, names: Sequence[str] = SAMPLE_PHOTOS) -> tuple[list[str], torch.Tensor]:

@@ -80,3 +80,52 @@ def test_debug_shows_traceback():
 def test_usage_error_exit_code():
     result = run("convert", check=False)
     assert result.returncode == 2 and "required" in result.stderr
+
+
+def _plain_image_folder(root, n: int = 6):
+    """Image files straight in ``root`` (no class sub-folders), and one in a nested folder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "nested").mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / "nested" / "x.jpg")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_convert_calibrates_on_a_plain_image_folder(tmp_path):
+    import torch
+
+    from bcosify.data import unlabelled_images
+
+    data = _plain_image_folder(tmp_path / "images")
+    common = ("convert", "timm:resnet18", "--weights", "none", "--num-classes", "3")
+    result = run(*common, "--calibrate-data", str(data), "--size", "32", "--out", str(tmp_path / "calibrated"))
+    assert f"calibrated on 7 images from {data}" in result.stdout
+    run(*common, "--out", str(tmp_path / "plain"))
+    x = unlabelled_images(data, 32)
+    with torch.no_grad():
+        calibrated = bcosify.load(tmp_path / "calibrated").eval()
+        plain = bcosify.load(tmp_path / "plain").eval()
+        # a new classifier has no counterpart in the original: unit RMS over the logits
+        assert 0.5 < calibrated.network(calibrated.encode(x)).pow(2).mean().sqrt() < 2
+        assert plain.network(plain.encode(x)).abs().max() < 1e-4  # (uncalibrated: the scale shrinks)
+    limited = run(*common, "--calibrate-data", str(data), "--calibrate-images", "2", "--size", "32", "--out",
+                  str(tmp_path / "two"))
+    assert "calibrated on 2 images" in limited.stdout
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--calibrate-data", "/no/such/folder"), "image folder '/no/such/folder' not found"),
+    (("--calibrate-data", "EMPTY"), "no image files"),
+    (("--calibrate-data", "EMPTY", "--calibrate-images", "0"), "--calibrate-images must be a positive integer"),
+])
+def test_convert_calibration_data_errors(tmp_path, extra, message):
+    (tmp_path / "empty" / "class").mkdir(parents=True)
+    extra = tuple(str(tmp_path / "empty") if e == "EMPTY" else e for e in extra)
+    result = run("convert", "timm:resnet18", "--weights", "none", *extra, "--out", str(tmp_path / "m"), check=False)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "m").exists()

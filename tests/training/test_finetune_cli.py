@@ -141,3 +141,40 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc-per-node=3 sets it; fails before joining a group
     assert "global batch 128 is not divisible by the world size 3" in _error(capsys, "fashion-mnist", "--out", out)
     assert not (tmp_path / "out").exists()
+
+
+def _logit_rms(model_dir: pathlib.Path, x: torch.Tensor) -> float:
+    model = bcosify.load(model_dir).eval()
+    with torch.no_grad():
+        return model.network(model.encode(x)).pow(2).mean().sqrt().item()
+
+
+def test_calibrate_data_calibrates_before_fine_tuning(tmp_path, one_thread):
+    from bcosify.data import unlabelled_images
+
+    data = _image_folder(tmp_path / "data", {"train": ["cat", "dog"], "val": ["cat", "dog"]}, n=4)
+    plain = tmp_path / "plain"  # a plain folder of images, no class sub-folders
+    plain.mkdir()
+    for i, path in enumerate(sorted((data / "train").rglob("*.png"))):
+        (plain / f"{i}.png").write_bytes(path.read_bytes())
+    recipe = tmp_path / "recipe.yaml"  # lr so small that fine-tuning leaves the scale as it finds it
+    recipe.write_text("name: tiny\nmodel: timm:resnet10t\ndata: {dataset: image-folder, size: 32, batch_size: 8, "
+                      "augment: false}\nconvert: {b: 2.0}\nfinetune: {epochs: 1, lr: 1.0e-12, agc_clip: null}\n")
+    common = ["finetune", str(recipe), "--data", str(data), "--weights", "none", "--no-progress"]
+    assert main([*common, "--calibrate-data", str(plain), "--out", str(tmp_path / "calibrated")]) == 0
+    assert main([*common, "--out", str(tmp_path / "uncalibrated")]) == 0
+    x = unlabelled_images(data / "val", 32)
+    assert 0.1 < _logit_rms(tmp_path / "calibrated" / "model", x) < 10
+    assert _logit_rms(tmp_path / "uncalibrated" / "model", x) < 1e-3
+
+
+def test_calibrate_data_needs_the_original(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data", {"train": ["cat", "dog"], "val": ["cat", "dog"]}, n=1)
+    saved = tmp_path / "saved"
+    bcosify.save(bcosify.convert("timm:resnet10t", weights=None, num_classes=2), saved)
+    message = _error(capsys, "resnet-imagenet", "--model", str(saved), "--data", str(data), "--calibrate-data",
+                     str(data), "--out", str(tmp_path / "out"))
+    assert "--calibrate-data matches the converted model to the original" in message
+    message = _error(capsys, "resnet-imagenet", "--model", "timm:resnet10t", "--weights", "none", "--data", str(data),
+                     "--calibrate-data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
+    assert "not found" in message
