@@ -8,7 +8,7 @@ from typing import Any
 
 from ..config import BcosConfig, Options
 
-LOSSES = ("bce", "bce_uniform", "ce", "distill")
+LOSSES = ("bce", "bce_uniform", "ce", "distill", "align")
 B_SCHEDULES = ("fixed", "linear")
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adam", "adamw")
@@ -24,8 +24,13 @@ class FinetuneConfig(Options):
         lr, optimizer, weight_decay: Adam(W) settings (timm's optimizer factory).
         schedule, warmup_steps: cosine (or constant) learning rate per update, with linear warm-up.
         loss: ``bce`` (one-hot targets with the model's logit bias), ``bce_uniform`` (off-labels 1/C),
-            ``ce`` (cross-entropy), or ``distill`` (match the original model's softmax; needs no labels).
-        distill_temperature: softmax temperature of ``distill``.
+            ``ce`` (cross-entropy), ``distill`` (match the original model's softmax; needs no labels), or
+            ``align`` (feature alignment, needs no labels: the cosine distance between the converted model's
+            penultimate features, pooled, and the original's on the same augmented images; see
+            :func:`bcosify.training.loop.compute_loss`).
+        distill_temperature: softmax temperature of ``distill`` (and of ``align``'s logit term).
+        align_logits: ``align`` only: weight of a ``distill`` term on the logits added to the feature term
+            (0: features only; needs the same classes as the original).
         b: target alignment exponent (default: the model's current ``b``).
         b_schedule, b_ramp_steps: ``fixed`` (paper) or ``linear`` from 1 to ``b`` over the given updates
             (0 = one epoch).
@@ -48,6 +53,7 @@ class FinetuneConfig(Options):
     warmup_steps: int = 0
     loss: str = "bce"
     distill_temperature: float = 1.0
+    align_logits: float = 0.0
     b: float | None = None
     b_schedule: str = "fixed"
     b_ramp_steps: int = 0
@@ -73,6 +79,8 @@ class FinetuneConfig(Options):
             raise ValueError("epochs and grad_accum must be >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not (self.align_logits >= 0 and math.isfinite(self.align_logits)):
+            raise ValueError(f"align_logits must be a number >= 0, got {self.align_logits}")
         if self.b is not None:
             self.b = BcosConfig(b=self.b).b
         if self.resume and not self.checkpoint_dir:

@@ -46,8 +46,30 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def compute_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor | None,
-                 teacher_logits: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
-    """The training loss ``kind`` (one of ``LOSSES``) of a batch of logits."""
+                 teacher_logits: torch.Tensor | None = None, temperature: float = 1.0, *,
+                 features: torch.Tensor | None = None, teacher_features: torch.Tensor | None = None,
+                 align_logits: float = 0.0) -> torch.Tensor:
+    """The training loss ``kind`` (one of ``LOSSES``) of a batch of logits.
+
+    ``align`` is the mean over images of the cosine distance ``1 - cos(features, teacher_features)`` between
+    the converted model's penultimate features and the original's, both ``(N, D)`` (pooled), plus
+    ``align_logits`` times the ``distill`` loss. A distance of directions, not of magnitudes: a B-cos network
+    scales its activations by ``|cos|^(b-1)`` by design and has no biases, so its features cannot take the
+    original's scale and offsets, and need not (the classifier reads their direction, its own scale is free);
+    matching magnitudes as well (a mean squared error) would fight that. Labels are not used.
+    """
+    if kind == "align":
+        if features is None or teacher_features is None:
+            raise ValueError("loss='align' needs the features of the model and of a teacher (the original model)")
+        if features.shape != teacher_features.shape:
+            raise ValueError(f"loss='align': the model's features {tuple(features.shape)} and the original's "
+                             f"{tuple(teacher_features.shape)} differ in shape")
+        loss = (1 - F.cosine_similarity(features.float(), teacher_features.float(), dim=1)).mean()
+        if align_logits:
+            if teacher_logits is None or teacher_logits.shape != logits.shape:
+                raise ValueError("align_logits > 0 needs the original's logits, with the model's classes")
+            loss = loss + align_logits * compute_loss("distill", logits, None, teacher_logits, temperature)
+        return loss
     if kind == "distill":
         if teacher_logits is None:
             raise ValueError("loss='distill' needs a teacher (the original model)")
@@ -55,13 +77,67 @@ def compute_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor | None,
         return F.kl_div(F.log_softmax(logits.float() / t, 1), F.log_softmax(teacher_logits.float() / t, 1),
                         reduction="batchmean", log_target=True) * t * t
     if labels is None:
-        raise ValueError(f"loss={kind!r} needs labels; use loss='distill' for unlabelled data")
+        raise ValueError(f"loss={kind!r} needs labels; use loss='distill' or 'align' for unlabelled data")
     if kind == "ce":
         return F.cross_entropy(logits.float(), labels)
     targets = F.one_hot(labels, logits.shape[1]).float()
     if kind == "bce_uniform":
         targets = targets.clamp_min(1.0 / logits.shape[1])
     return F.binary_cross_entropy_with_logits(logits.float(), targets)
+
+
+class FeatureTap:
+    """The input of a model's classifier (the last module of ``types`` that runs), captured while
+    :meth:`capture` is active and pooled to ``(N, D)``: the penultimate features."""
+
+    def __init__(self, model: nn.Module, types: tuple[type, ...]) -> None:
+        self.model, self.types = model, types
+        self.module: nn.Module | None = None
+        self.value: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def locate(self, forward) -> "FeatureTap":
+        """Find the classifier by running ``forward()`` once (without gradients, in eval mode)."""
+        order: list[nn.Module] = []
+        handles = [m.register_forward_pre_hook(lambda m, i: order.append(m)) for m in self.model.modules()
+                   if isinstance(m, self.types)]
+        try:
+            with eval_mode(self.model):
+                forward()
+        finally:
+            for h in handles:
+                h.remove()
+        if not order:
+            raise ValueError(f"loss='align': no {' or '.join(t.__name__ for t in self.types)} runs in "
+                             f"{type(self.model).__name__}, so its penultimate features cannot be found")
+        self.module = order[-1]
+        return self
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Keep the classifier's input of the forwards run inside the block."""
+        handle = self.module.register_forward_pre_hook(lambda m, inputs: setattr(self, "value", inputs[0]))
+        try:
+            yield self
+        finally:
+            handle.remove()
+
+    def pooled(self) -> torch.Tensor:
+        """The last captured features, averaged over positions or tokens: ``(N, D)``."""
+        value, self.value = self.value, None
+        if value is None:
+            raise RuntimeError("no features were captured (the classifier did not run)")
+        if value.dim() == 4:  # (N, C, H, W): a 1x1 conv classifier before pooling
+            return value.mean((2, 3))
+        return value.flatten(1, -2).mean(1) if value.dim() > 2 else value
+
+
+@contextlib.contextmanager
+def _capturing(taps: Sequence[FeatureTap] | None):
+    with contextlib.ExitStack() as stack:
+        for tap in taps or ():
+            stack.enter_context(tap.capture())
+        yield
 
 
 @torch.no_grad()
@@ -99,8 +175,9 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
     """Fine-tune a converted model on ``train`` (a DataLoader of images in [0, 1], with labels unless distilling).
 
     ``config`` is a :class:`FinetuneConfig`; ``**options`` (its field names) override its values. ``teacher`` is
-    the original (unconverted) model, needed for ``loss="distill"``. Returns the per-epoch :class:`History`; the
-    model ends in eval mode.
+    the original (unconverted) model, needed for ``loss="distill"`` and ``loss="align"`` (which use no labels:
+    ``train`` may yield images alone, and labels it yields are ignored). Returns the per-epoch
+    :class:`History`; the model ends in eval mode.
 
     In a distributed run (every process calls ``finetune`` inside :func:`bcosify.training.distributed.process_group`,
     with its share of the data, e.g. from :func:`bcosify.training.data.build_loaders`) the model is wrapped in
@@ -110,8 +187,8 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
     cfg = (config if config is not None else FinetuneConfig()).replace(**options)
     if not isinstance(model, BcosModel):
         raise TypeError(f"finetune needs a BcosModel (from bcosify.convert), got {type(model).__name__}")
-    if cfg.loss == "distill" and teacher is None:
-        raise ValueError("loss='distill' needs teacher=<the original, unconverted model>")
+    if cfg.loss in ("distill", "align") and teacher is None:
+        raise ValueError(f"loss={cfg.loss!r} needs teacher=<the original, unconverted model>")
     try:
         batches_per_epoch = len(train)  # type: ignore[arg-type]
     except TypeError:
@@ -138,6 +215,7 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if teacher is not None:
         teacher = teacher.to(device).eval()
+    taps: tuple[FeatureTap, FeatureTap] | None = None
     target_b = cfg.b if cfg.b is not None else model.b
     updates_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     total_updates = cfg.epochs * updates_per_epoch
@@ -205,17 +283,22 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
             x, labels = _split_batch(batch)
             x = x.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True) if labels is not None else None
+            if cfg.loss == "align" and taps is None:
+                taps = _feature_taps(model, teacher, x[:1])
             model.set_b(b_at(update))
             end_of_update = (index + 1) % cfg.grad_accum == 0 or index + 1 == batches_per_epoch
             # DDP averages gradients on the last micro-batch of an update only
             with contextlib.nullcontext() if end_of_update or not distributed else net.no_sync():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"), _capturing(taps):
                     logits = net(x)
                     teacher_logits = None
-                    if teacher is not None and cfg.loss == "distill":
+                    if teacher is not None and cfg.loss in ("distill", "align"):
                         with torch.no_grad():
                             teacher_logits = teacher(normalize(x, model.config.mean, model.config.std))
-                loss = compute_loss(cfg.loss, logits, labels, teacher_logits, cfg.distill_temperature)
+                features = (taps[0].pooled(), taps[1].pooled()) if taps is not None else (None, None)
+                loss = compute_loss(cfg.loss, logits, labels, teacher_logits, cfg.distill_temperature,
+                                    features=features[0], teacher_features=features[1],
+                                    align_logits=cfg.align_logits)
                 if not torch.isfinite(loss):
                     where = str(last_checkpoint) if last_checkpoint else "none (pass checkpoint_dir to keep some)"
                     raise TrainingDivergedError(
@@ -275,6 +358,16 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
         resume_meta = None
     model.eval()
     return history
+
+
+def _feature_taps(model: BcosModel, teacher: nn.Module, x: torch.Tensor) -> tuple[FeatureTap, FeatureTap]:
+    """Taps on the penultimate features of the converted model and of the original, located on ``x``."""
+    from ..nn import BcosConv2d, BcosLinear
+
+    student = FeatureTap(model.network, (BcosLinear, BcosConv2d)).locate(lambda: model(x))
+    original = FeatureTap(teacher, (nn.Linear, nn.Conv2d)).locate(
+        lambda: teacher(normalize(x, model.config.mean, model.config.std)))
+    return student, original
 
 
 def train_original(model: nn.Module, train: Iterable, *, mean: Sequence[float], std: Sequence[float],

@@ -72,6 +72,75 @@ def test_distill_needs_no_labels():
         bcosify.finetune(_model(), images_only, loss="bce", epochs=1, progress=False)
 
 
+@torch.no_grad()
+def _feature_distance(model, original, x) -> float:
+    """Mean cosine distance of the pooled penultimate features (the classifier's input) of both models."""
+    found = []
+    hooks = [model.network[-1].register_forward_pre_hook(lambda m, i: found.append(i[0])),
+             original[-1].register_forward_pre_hook(lambda m, i: found.append(i[0]))]
+    model.eval()(x), original((x - 0.5) / 0.25)
+    for h in hooks:
+        h.remove()
+    return (1 - nn.functional.cosine_similarity(*found, dim=1)).mean().item()
+
+
+@pytest.mark.parametrize("options", [{}, {"align_logits": 1.0}])
+def test_align_brings_the_features_to_the_originals(options):
+    model, original = _model(), _original()
+    x = _data(seed=1).tensors[0]
+    before = _feature_distance(model, original, x)
+    history = bcosify.finetune(model, _loader(), val=_loader(seed=1, shuffle=False), teacher=original, epochs=4,
+                               lr=1e-2, loss="align", progress=False, **options)
+    losses = [e["loss"] for e in history.epochs]
+    assert losses[-1] < 0.5 * losses[0]
+    after = _feature_distance(model, original, x)  # on other images than the training ones
+    assert after < 0.5 * before, (before, after)
+    assert history.epochs[-1]["val_accuracy"] >= 0.9
+    assert not any(m._forward_pre_hooks for m in [*model.modules(), *original.modules()])  # taps removed
+
+
+def test_align_uses_no_labels():
+    runs = []
+    for labels in (_data().tensors[1], torch.zeros(96, dtype=torch.long), None):
+        x = _data().tensors[0]
+        data = TensorDataset(x, labels) if labels is not None else TensorDataset(x)
+        model = _model()
+        bcosify.finetune(model, DataLoader(data, batch_size=16, shuffle=True), teacher=_original(), loss="align",
+                         epochs=1, lr=1e-2, progress=False)
+        runs.append(model.state_dict())
+    assert any(not torch.equal(runs[0][k], _model().state_dict()[k]) for k in runs[0])  # (training moved them)
+    for other in runs[1:]:
+        for key, value in runs[0].items():
+            torch.testing.assert_close(other[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_align_with_a_classifier_before_pooling_and_its_errors():
+    model = bcosify.convert(_original(), mean=0.5, std=0.25, gap_reorder=True)  # the classifier: a 1x1 conv
+    history = bcosify.finetune(model, _loader(), teacher=_original(), loss="align", epochs=1, progress=False)
+    assert 0 < history.epochs[0]["loss"] < 2
+    with pytest.raises(ValueError, match="teacher"):
+        bcosify.finetune(_model(), _loader(), epochs=1, loss="align", progress=False)
+    new_head = bcosify.convert(_original(), mean=0.5, std=0.25, num_classes=3)
+    with pytest.raises(ValueError, match="align_logits > 0 needs the original's logits"):
+        bcosify.finetune(new_head, _loader(), teacher=_original(), loss="align", align_logits=1.0, epochs=1,
+                         progress=False)
+    with pytest.raises(ValueError, match="align_logits"):
+        bcosify.FinetuneConfig(align_logits=-1.0)
+
+
+def test_align_loss_is_a_cosine_distance():
+    from bcosify.training import compute_loss
+
+    f = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    logits = torch.zeros(2, 3)
+    assert compute_loss("align", logits, None, features=f, teacher_features=3 * f).item() == pytest.approx(0, abs=1e-7)
+    orthogonal = torch.tensor([[0.0, 2.0], [-1.0, 1.0]])
+    assert compute_loss("align", logits, None, features=f, teacher_features=orthogonal).item() == pytest.approx(1)
+    assert compute_loss("align", logits, None, features=f, teacher_features=-f).item() == pytest.approx(2)
+    with pytest.raises(ValueError, match="differ in shape"):
+        compute_loss("align", logits, None, features=f, teacher_features=f[:, :1])
+
+
 def test_b_schedules():
     model = _model()
     model.set_b(1.0)
