@@ -16,12 +16,12 @@ import torch
 from readme_block import write_block
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the tests' rescaling helper (until bcosify.calibrate exists)
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers
 
 import bcosify  # noqa: E402
 from bcosify.explanation.checks import equivalence_error  # noqa: E402
 from bcosify.weights import build_model  # noqa: E402
-from helpers import randomise_zero_weights, rescale_bcos_layers  # noqa: E402
+from helpers import randomise_zero_weights  # noqa: E402
 
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
 EQUIVALENCE_BOUND, COMPLETENESS_BOUND = 1e-5, 1e-6
@@ -33,8 +33,8 @@ def measure(family) -> tuple[float, float]:
         build_model(family.spec, weights=None, model_kwargs={"num_classes": 10, **family.kwargs}).double().eval())
     x = torch.rand(3, 3, family.size, family.size, dtype=torch.float64)
     equivalence = equivalence_error(model, x)
-    bmodel = rescale_bcos_layers(bcosify.convert(model), torch.rand(4, 3, family.size, family.size,
-                                                                     dtype=torch.float64))
+    bmodel = bcosify.calibrate(bcosify.convert(model), torch.rand(4, 3, family.size, family.size, dtype=torch.float64),
+                               progress=False)
     completeness = bcosify.explain(bmodel, x).completeness_error.max().item()
     return equivalence, completeness
 

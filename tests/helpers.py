@@ -5,39 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bcosify.nn import BcosConv2d, BcosLinear, DetachedGate, GatePath
-from bcosify.utils import eval_mode
-
-
-@torch.no_grad()
-def rescale_bcos_layers(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Rescale every B-cos layer's weight (in one forward pass on ``x``) so that its output has unit RMS.
-
-    One gain per layer. Still used by test_families, test_precision and test_onnx: with ``bcosify.calibrate``
-    instead (a gain per channel and re-estimated BatchNorm variances, from 4 random images) some of their models
-    failed the round-off tolerances (MobileNetV2 and EfficientNet explanation-mode logits, ONNX logits of 6e12).
-
-    Random-init weights shrink B-cos activations layer after layer (to exact zeros in deep nets); rescaled,
-    completeness is tested on real numbers. Any weights must give completeness, so this loses nothing.
-    A B-cos layer without bias is homogeneous: ``out(c w) = c^b out(w)``.
-    """
-
-    def hook(layer, inputs, out):
-        gain = out.pow(2).mean().sqrt()
-        if gain == 0:
-            return out
-        c = gain.pow(-1 / layer.b)
-        layer.weight.mul_(c)
-        return out * c.pow(layer.b)
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (BcosConv2d, BcosLinear))]
-    try:
-        with eval_mode(model):
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return model
+from bcosify.nn import DetachedGate, GatePath
 
 
 def value_path_modules(module: nn.Module, prefix: str = ""):

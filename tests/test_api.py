@@ -19,7 +19,6 @@ from bcosify.nn import BcosConv2d, BcosLinear, DetachableModule
 from bcosify.nn import ClassifierBeforePooling
 from bcosify.surgery import Rule, register_rule
 from bcosify.weights import build_model
-from helpers import rescale_bcos_layers
 
 
 @pytest.fixture(scope="module")
@@ -334,5 +333,5 @@ def test_weight_standardised_convs_convert_exactly():
     bmodel = bcosify.convert(model, mean=0.5, std=0.25)
     assert [type(bmodel.network[i]).__name__ for i in (0, 2)] == ["BcosConv2d", "BcosConv2d"]
     assert bmodel.network[0].in_channels == 6 and bmodel.network[2].same_padding
-    e = bcosify.explain(rescale_bcos_layers(bmodel, x), x)
+    e = bcosify.explain(bcosify.calibrate(bmodel, x, progress=False), x)
     assert e.completeness_error.max().item() < 1e-10

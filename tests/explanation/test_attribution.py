@@ -10,7 +10,6 @@ from torch import nn
 
 import bcosify
 from bcosify.explanation.attribution import attribution_maps, quantus_explain
-from helpers import rescale_bcos_layers
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
@@ -28,7 +27,7 @@ def _images(n: int, size: int = 12, seed: int = 1, dtype=torch.float64) -> torch
 def model() -> bcosify.BcosModel:
     torch.manual_seed(0)
     bmodel = bcosify.convert(_cnn(), mean=MEAN, std=STD).double()  # b=2, no biases
-    return rescale_bcos_layers(bmodel, _images(4, seed=7)).eval()
+    return bcosify.calibrate(bmodel, _images(4, seed=7), progress=False).eval()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +112,7 @@ def test_delta_is_the_signed_completeness_gap_constants_included():
     """A ViT: class token and positional embedding carry part of the logit; the delta accounts for them."""
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=1, num_classes=4)
-    bmodel = rescale_bcos_layers(bcosify.convert(vit.double().eval()), _images(2, 16, seed=3)).eval()
+    bmodel = bcosify.calibrate(bcosify.convert(vit.double().eval()), _images(2, 16, seed=3), progress=False).eval()
     x = _images(3, 16)
     attribution = bcosify.Attribution(bmodel)
     assert attribution.has_convergence_delta() and attribution.multiplies_by_inputs

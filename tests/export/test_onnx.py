@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import onnxruntime
 import pytest
@@ -9,14 +11,13 @@ import torch
 from torch import nn
 
 import bcosify
-from helpers import rescale_bcos_layers
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
     bmodel = bcosify.convert("timm:efficientnet_b0", weights=None, model_kwargs={"num_classes": 4}).eval()
-    return rescale_bcos_layers(bmodel, torch.rand(4, 3, 32, 32))
+    return bcosify.calibrate(bmodel, torch.rand(4, 3, 32, 32), progress=False)
 
 
 def test_onnx_matches_pytorch(model, tmp_path):
@@ -26,8 +27,13 @@ def test_onnx_matches_pytorch(model, tmp_path):
     x = torch.rand(3, 3, 32, 32)  # another batch size than the example: the batch is dynamic
     (out,) = session.run(None, {"images": x.numpy()})
     with torch.no_grad():
-        reference = model(x).numpy()
-    assert np.abs(out - reference).max() <= 1e-4 * max(1.0, np.abs(reference).max())
+        reference = model(x).double()
+        exact = copy.deepcopy(model).double()(x.double())
+    # a random-init EfficientNet at b=2 is ill-conditioned: PyTorch's own float32 logits differ from float64 by
+    # up to 1e-3 relative (tests/nn/test_precision.py); ONNX Runtime's must be as close as that
+    own = (reference - exact).abs().max().item()
+    assert 0 < np.abs(out - exact.numpy()).max() <= max(4 * own, 1e-6 * exact.abs().max().item())
+    assert own < 1e-3 * exact.abs().max().item()
     assert not list(tmp_path.glob(".*.onnx"))  # no temporary file left
 
 
@@ -43,7 +49,8 @@ def test_torch_compile_gives_same_logits():
     torch.manual_seed(0)
     original = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 8, 3, groups=2),
                              nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
-    bmodel = rescale_bcos_layers(bcosify.convert(original.eval(), mean=0.5, std=0.25), torch.rand(4, 3, 16, 16))
+    bmodel = bcosify.calibrate(bcosify.convert(original.eval(), mean=0.5, std=0.25), torch.rand(4, 3, 16, 16),
+                               progress=False)
     compiled = torch.compile(bmodel)
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():

@@ -11,7 +11,7 @@ import bcosify
 from bcosify import SupportedModel as Family
 from bcosify.explanation.checks import equivalence_error
 from bcosify.weights import build_model
-from helpers import randomise_zero_weights, rescale_bcos_layers, value_path_modules
+from helpers import randomise_zero_weights, value_path_modules
 
 UNCONVERTED_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, timm.layers.BatchNormAct2d)
 
@@ -39,7 +39,7 @@ def test_completeness_after_conversion(family: Family):
     bmodel = bcosify.convert(original)
     assert bmodel.b == 2.0 and bmodel.logit_bias == pytest.approx(-torch.log(torch.tensor(9.0)).item())
     x = _images(family, n=3)
-    rescale_bcos_layers(bmodel, torch.rand(4, 3, family.size, family.size, dtype=torch.float64))
+    bcosify.calibrate(bmodel, torch.rand(4, 3, family.size, family.size, dtype=torch.float64), progress=False)
     e = bcosify.explain(bmodel, x)
     with torch.no_grad():  # explanation mode changes gradients only, never the forward value
         torch.testing.assert_close(e.logits, bmodel(x), rtol=1e-10, atol=0)
