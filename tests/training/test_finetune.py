@@ -139,6 +139,9 @@ def test_align_loss_is_a_cosine_distance():
     assert compute_loss("align", logits, None, features=f, teacher_features=-f).item() == pytest.approx(2)
     with pytest.raises(ValueError, match="differ in shape"):
         compute_loss("align", logits, None, features=f, teacher_features=f[:, :1])
+    logits.requires_grad_(True)  # the logits stay in the graph (DDP needs a gradient for every parameter)
+    compute_loss("align", logits, None, features=f, teacher_features=orthogonal).backward()
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
 
 
 def test_b_schedules():

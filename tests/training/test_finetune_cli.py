@@ -178,3 +178,17 @@ def test_calibrate_data_needs_the_original(tmp_path, capsys):
     message = _error(capsys, "resnet-imagenet", "--model", "timm:resnet10t", "--weights", "none", "--data", str(data),
                      "--calibrate-data", str(tmp_path / "missing"), "--out", str(tmp_path / "out"))
     assert "not found" in message
+
+
+def test_align_under_ddp(tmp_path):
+    """loss='align' leaves the classifier out of the loss: DDP must still get a gradient for it (zeros)."""
+    recipe = tmp_path / "align.yaml"
+    recipe.write_text("name: align\nmodel: timm:resnet18\nmodel_kwargs: {in_chans: 1, num_classes: 10}\n"
+                      "data: {dataset: fashion-mnist, size: 32, channels: 1, batch_size: 16}\n"
+                      "convert: {b: 2.0, mean: [0.2860], std: [0.3530]}\nfinetune: {epochs: 1, loss: align}\n")
+    result = _run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                   str(HERE / "rank_folder_entry.py"), str(tmp_path / "ddp"), "finetune", str(recipe), *TINY_VIT,
+                   "--limit", "64", "--batch-size", "8", "--no-progress", "--out", "run"], tmp_path)
+    assert result.stdout.count("fine-tuned timm:vit_tiny_patch16_224 for 1 epochs") == 1
+    record = json.loads((tmp_path / "ddp" / "rank0" / "run" / "metrics.jsonl").read_text())
+    assert 0 < record["loss"] < 2 and record["updates"] == 4
