@@ -359,6 +359,8 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of the initialisation order and the data shuffle (default 0)")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda")
     p.add_argument("--amp", choices=["auto", "off", "bf16"], help="bf16 autocast (default auto: on CUDA)")
+    p.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics of the global batch, synchronised "
+                                                         "over the processes (default: each process's own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_calibration_arguments(p, size=False)
 
@@ -388,7 +390,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig.from_dict(recipe.finetune).replace(**{k: v for k, v in (
         ("epochs", args.epochs), ("lr", args.lr), ("grad_accum", args.grad_accum), ("seed", args.seed),
         ("device", args.device), ("amp", args.amp))
-        if v is not None}, resume=args.resume, progress=not args.no_progress)
+        if v is not None}, resume=args.resume, progress=not args.no_progress, **({"sync_bn": True} if args.sync_bn else {}))
     train, val, classes = build_datasets(data)
     if config.seed is not None:
         torch.manual_seed(config.seed)  # new layers (--weights none, a new classifier) start alike in every run

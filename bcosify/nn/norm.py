@@ -6,7 +6,11 @@ linear) and detach their standard deviation in explanation mode. Biases are opti
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .base import DetachableModule
@@ -94,7 +98,7 @@ class UncenteredBatchNorm2d(DetachableModule):
                     and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
                 return self._forward_train(x)
             var = x.var(dim=(0, 2, 3), unbiased=False)
-            self._update_running_var(var.detach(), x)
+            self._update_running_var(var.detach(), x.numel() / x.shape[1])
             if self.explanation_mode:
                 var = var.detach()
         else:
@@ -106,11 +110,12 @@ class UncenteredBatchNorm2d(DetachableModule):
         return out
 
     @torch.no_grad()
-    def _update_running_var(self, var: torch.Tensor, x: torch.Tensor) -> None:
-        n = x.numel() / x.shape[1]
+    def _update_running_var(self, var: torch.Tensor, n: float | torch.Tensor) -> None:
+        """Blend the batch variance ``var`` of ``n`` values per channel into the running variance (unbiased)."""
         self.num_batches_tracked.add_(1)
         momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        self.running_var.mul_(1 - momentum).add_(var * (n / max(n - 1, 1)), alpha=momentum)
+        correction = n / (n - 1).clamp_min(1) if isinstance(n, torch.Tensor) else n / max(n - 1, 1)
+        self.running_var.mul_(1 - momentum).add_(var * correction, alpha=momentum)
 
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
         """Training step with gradients: the same function as the composite path, with a cheaper backward."""
@@ -118,7 +123,7 @@ class UncenteredBatchNorm2d(DetachableModule):
             mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)  # one fused pass
             stats_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
             mean, var = mean.to(stats_dtype), var.to(stats_dtype)
-            self._update_running_var(var, x)
+            self._update_running_var(var, x.numel() / x.shape[1])
             invstd = (var + self.eps).rsqrt_()
         out = _UncenteredBatchNormTrain.apply(x, self.weight, mean, invstd)
         release_saved_input(x)  # ``x`` is saved (and version-checked) here
@@ -128,6 +133,51 @@ class UncenteredBatchNorm2d(DetachableModule):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, bias={self.bias is not None}"
+
+
+class SyncUncenteredBatchNorm2d(UncenteredBatchNorm2d):
+    """:class:`UncenteredBatchNorm2d` whose training statistics are those of the global batch of all processes
+    of a distributed run (``bcosify finetune --sync-bn``); alone, or in eval mode, the plain layer.
+
+    The layer holds the same parameters and buffers as the plain one; :func:`sync_batchnorm` switches the layers
+    of a model to it for the length of a run, so checkpoints and saved models hold plain layers. Every process
+    must run every training forward and backward (the statistics and their gradients are all-reduced).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce  # sums in the forward, and the gradients back
+
+        c = x.shape[1]
+        xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        # per channel: the sum, the uncentred second moment's sum, and the count, of this process's share
+        local = torch.cat([xs.sum((0, 2, 3)), (xs * xs).sum((0, 2, 3)), xs.new_full((1,), x.numel() / c)])
+        total = all_reduce(local)
+        n = total[-1]
+        mean = total[:c] / n
+        var = (total[c:2 * c] / n - mean * mean).clamp_min(0)
+        self._update_running_var(var.detach().to(self.running_var.dtype), n)  # n stays a tensor: no GPU sync
+        if self.explanation_mode:
+            var = var.detach()
+        out = x * (self.weight / (var + self.eps).sqrt()).to(x.dtype).view(1, -1, 1, 1)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+
+@contextlib.contextmanager
+def sync_batchnorm(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every :class:`UncenteredBatchNorm2d` of ``model`` is a :class:`SyncUncenteredBatchNorm2d`
+    (the same module objects, parameters and buffers); after it, plain again."""
+    layers = [m for m in model.modules() if type(m) is UncenteredBatchNorm2d]
+    for layer in layers:
+        layer.__class__ = SyncUncenteredBatchNorm2d
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.__class__ = UncenteredBatchNorm2d
 
 
 class DetachableLayerNorm(DetachableModule):

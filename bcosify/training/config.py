@@ -38,6 +38,9 @@ class FinetuneConfig(Options):
         grad_accum: micro-batches per update.
         amp: ``auto`` (bf16 autocast on CUDA when supported), ``bf16`` or ``off``.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ...
+        sync_bn: in a distributed run, the uncentred BatchNorm layers use the statistics of the global batch
+            (:class:`bcosify.nn.SyncUncenteredBatchNorm2d`) instead of each process's share (the default, as in
+            the papers).
         checkpoint_dir, checkpoint_every: checkpoint folder, and updates between checkpoints (0: epoch ends only).
         resume: continue from the last checkpoint in ``checkpoint_dir``.
         metrics_file: a JSON lines file that holds one record per finished epoch (rewritten atomically).
@@ -61,6 +64,7 @@ class FinetuneConfig(Options):
     grad_accum: int = 1
     amp: str = "auto"
     device: str = "auto"
+    sync_bn: bool = False
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False

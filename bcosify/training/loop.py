@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ..data import normalize
 from ..errors import BcosifyError
 from ..model import BcosModel
+from ..nn import sync_batchnorm
 from ..utils import atomic_write, eval_mode
 from .config import FinetuneConfig, History
 from .data import set_epoch
@@ -197,6 +198,9 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
         raise TypeError("train must have a length (a DataLoader over a map-style dataset)") from None
     if batches_per_epoch == 0:
         raise ValueError("train is empty")
+    if cfg.sync_bn and is_distributed():  # the same run, its BatchNorm layers synchronised
+        with sync_batchnorm(model):
+            return finetune(model, train, cfg.replace(sync_bn=False), val=val, teacher=teacher)
     import timm.optim
     import timm.scheduler
     import timm.utils

@@ -17,6 +17,7 @@ from torch import nn
 
 import bcosify
 from bcosify.cli import main
+from bcosify.nn import SyncUncenteredBatchNorm2d, sync_batchnorm
 from bcosify.training.data import DataConfig, build_datasets
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -70,6 +71,26 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     assert bcosify.load(tmp_path / "ddp" / "rank0" / "run" / "model").class_names[0] == "T-shirt/top"
 
 
+def test_sync_bn_two_processes_equal_one_with_a_batchnorm_model(tmp_path):
+    # per-process statistics would differ (16 images each instead of 32: tests/training/test_sync_bn.py); with
+    # --sync-bn both processes normalise with the statistics of the global batch of 32
+    args = ["fashion-mnist", "--model", "timm:test_resnet", "--weights", "none", "--limit", "64", "--epochs", "2",
+            "--lr", "1e-2", "--no-progress"]
+    _run(["-m", "bcosify", "finetune", *args, "--batch-size", "32", "--out", "single"], tmp_path)
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE / "rank_folder_entry.py"),
+          str(tmp_path / "ddp"), "finetune", *args, "--batch-size", "16", "--sync-bn", "--out", "run"], tmp_path)
+    one, two = _weights(tmp_path / "single"), _weights(tmp_path / "ddp" / "rank0" / "run")
+    assert sum(k.endswith("running_var") for k in one) == 15
+    before = _weights(tmp_path / "single", "step-00000002")  # after epoch 1
+    assert max((one[k] - before[k]).abs().max() for k in one if k.endswith("weight")) > 2e-3
+    # the statistics are summed in another order (and as sum x^2 - n mean^2): Adam turns rounding-sized gradient
+    # differences into weight differences of a few 1e-5 (1% of one update), per-process statistics into ~1e-3
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-4, msg=key)
+    model = bcosify.load(tmp_path / "ddp" / "rank0" / "run" / "model")
+    assert not any(isinstance(m, SyncUncenteredBatchNorm2d) for m in model.modules())
+
+
 def _image_folder(root: pathlib.Path, classes: dict[str, list[str]], n: int = 8) -> pathlib.Path:
     g = torch.Generator().manual_seed(0)
     for split, names in classes.items():
@@ -114,8 +135,21 @@ def test_sync_batchnorm_conversion_leaves_a_converted_model_alone():
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(bmodel)
     assert {name: type(m) for name, m in synced.named_modules()} == before
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in synced.modules())
-    # the check can fail: the same call does put a (centred, biased) SyncBatchNorm into the original
+    # nor with kept biases, nor while --sync-bn has switched the layers to the synchronised uncentred one
+    kept = bcosify.convert(original, mean=0.5, std=0.25, keep_bias=True)
+    with sync_batchnorm(kept):
+        types = {name: type(m) for name, m in kept.named_modules()}
+        assert SyncUncenteredBatchNorm2d in types.values()
+        assert {name: type(m) for name, m in nn.SyncBatchNorm.convert_sync_batchnorm(kept).named_modules()} == types
+    # the check can fail: the same call does put a (centred, biased) SyncBatchNorm into the original (in place),
+    # and converting that is refused
     assert isinstance(nn.SyncBatchNorm.convert_sync_batchnorm(original)[1], nn.SyncBatchNorm)
+    with pytest.raises(bcosify.ConversionError, match="SyncBatchNorm"):
+        bcosify.convert(original, mean=0.5, std=0.25)
+    # a BatchNorm that conversion cannot make uncentred is refused, not left for convert_sync_batchnorm to find
+    head_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    with pytest.raises(bcosify.ConversionError, match="BatchNorm1d"):
+        bcosify.convert(head_bn, mean=0.5, std=0.25)
 
 
 def _error(capsys, *args) -> str:
