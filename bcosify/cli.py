@@ -355,7 +355,10 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
                                                   "else 1)")
     p.add_argument("--workers", type=int, help="data loader workers per process (default: the recipe's, else 0)")
     p.add_argument("--limit", type=int, help="fashion-mnist: use only the first N training and test images")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints "
+                                                        "(any number of processes at the same global batch)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="also write a checkpoint every N updates (default: the recipe's, else at epoch ends only)")
     p.add_argument("--seed", type=int, help="seed of the initialisation order and the data shuffle (default 0)")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda")
     p.add_argument("--amp", choices=["auto", "off", "bf16"], help="bf16 autocast (default auto: on CUDA)")
@@ -373,10 +376,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .training import FinetuneConfig, load_recipe
     from .training.data import DataConfig, build_datasets, folder_root, per_process_batch
     from .training.distributed import world
-    from .training.run import MODEL, run_finetune
+    from .training.run import CHECKPOINTS, MODEL, run_finetune
 
     recipe = load_recipe(args.recipe)
-    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--limit", args.limit)):
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--limit", args.limit),
+                        ("--checkpoint-every", args.checkpoint_every)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
     data = DataConfig.from_dict(recipe.data)
@@ -389,8 +393,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     batch = args.batch_size or per_process_batch(data.batch_size, world_size)
     config = FinetuneConfig.from_dict(recipe.finetune).replace(**{k: v for k, v in (
         ("epochs", args.epochs), ("lr", args.lr), ("grad_accum", args.grad_accum), ("seed", args.seed),
+        ("checkpoint_every", args.checkpoint_every),
         ("device", args.device), ("amp", args.amp))
-        if v is not None}, resume=args.resume, progress=not args.no_progress, **({"sync_bn": True} if args.sync_bn else {}))
+        if v is not None}, resume=args.resume, checkpoint_dir=str(args.out / CHECKPOINTS), progress=not args.no_progress,
+        **({"sync_bn": True} if args.sync_bn else {}))
     train, val, classes = build_datasets(data)
     if config.seed is not None:
         torch.manual_seed(config.seed)  # new layers (--weights none, a new classifier) start alike in every run

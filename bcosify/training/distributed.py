@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def world() -> tuple[int, int, int]:
@@ -58,3 +60,21 @@ def all_sum(*values: float) -> list[float]:
     total = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return total.tolist()
+
+
+def from_main(compute: Callable[[], T]) -> T:
+    """``compute()`` run by rank 0 alone and handed to every process (its exception raised in every process):
+    for files only rank 0 may see, such as the checkpoints of a run over several machines."""
+    if not is_distributed():
+        return compute()
+    box: list = [None]
+    if is_main():
+        try:
+            box = [(True, compute())]
+        except Exception as e:  # every process raises it, none waits for the others
+            box = [(False, e)]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value

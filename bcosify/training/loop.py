@@ -22,8 +22,8 @@ from ..nn import sync_batchnorm
 from ..utils import atomic_write, eval_mode
 from .config import FinetuneConfig, History
 from .data import set_epoch
-from .distributed import all_sum, is_distributed, is_main
-from .state import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import all_sum, from_main, is_distributed, is_main
+from .state import latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint
 
 
 class TrainingDivergedError(BcosifyError, FloatingPointError):
@@ -210,9 +210,10 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
         device = torch.device("cuda", torch.cuda.current_device())
     distributed, main = is_distributed(), is_main()
     progress = cfg.progress and main
-    global_batch = getattr(train, "batch_size", None)
-    if distributed and global_batch:
-        global_batch *= torch.distributed.get_world_size()
+    step_batch = getattr(train, "batch_size", None)  # images of one micro-batch over all processes
+    if distributed and step_batch:
+        step_batch *= torch.distributed.get_world_size()
+    global_batch = step_batch * cfg.grad_accum if step_batch else None  # images of one update
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     model.to(device)
@@ -252,15 +253,22 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
     checkpoint_root = pathlib.Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
     last_checkpoint: pathlib.Path | None = None
     if cfg.resume:
-        last_checkpoint = latest_checkpoint(checkpoint_root)
-        if last_checkpoint is not None:
-            resume_meta = load_checkpoint(last_checkpoint, model, optimizer, scheduler)
+        def read_latest():
+            path = latest_checkpoint(checkpoint_root)
+            return read_checkpoint(path) if path is not None else None
+
+        found = from_main(read_latest)  # rank 0's checkpoint, for every process
+        if found is not None:
+            last_checkpoint = found[0]
+            resume_meta = restore_checkpoint(found, model, optimizer, scheduler)
             if None not in (resume_meta.get("global_batch"), global_batch) and \
                     resume_meta["global_batch"] != global_batch:
                 raise BcosifyError(f"checkpoint {str(last_checkpoint)!r} was written with a global batch of "
                                    f"{resume_meta['global_batch']}, this run has {global_batch}: resume with the "
-                                   "same global batch (any number of processes)")
+                                   "same global batch (processes x batch per process x grad_accum; any split)")
             start_epoch, skip_batches = resume_meta["epoch"], resume_meta["batch_in_epoch"]
+            if step_batch and resume_meta.get("images_in_epoch") is not None:  # any split of the global batch
+                skip_batches = resume_meta["images_in_epoch"] // step_batch
             update = resume_meta["global_step"]
             history = History(resume_meta["history"])
             if skip_batches >= batches_per_epoch:
@@ -329,6 +337,7 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
                     if main:
                         last_checkpoint = save_checkpoint(checkpoint_root, model, optimizer, scheduler, {
                             "epoch": epoch, "batch_in_epoch": index + 1, "global_step": update,
+                            "images_in_epoch": (index + 1) * step_batch if step_batch else None,
                             "global_batch": global_batch, "history": history.epochs,
                             "epoch_start_rng": epoch_start_rng,
                             "running": {"loss_sum": totals[0], "correct": int(totals[1]), "seen": int(totals[2]),

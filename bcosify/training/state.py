@@ -81,8 +81,8 @@ def latest_checkpoint(folder: str | os.PathLike) -> pathlib.Path | None:
     return path if (path / "state.json").is_file() and (path / "state.safetensors").is_file() else None
 
 
-def load_checkpoint(path: pathlib.Path, model: BcosModel, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG from a checkpoint folder; return its metadata."""
+def read_checkpoint(path: pathlib.Path) -> tuple[pathlib.Path, dict, dict[str, torch.Tensor]]:
+    """``(path, metadata, tensors)`` of a checkpoint folder, checked for its format."""
     from safetensors.torch import load_file
 
     try:
@@ -92,7 +92,22 @@ def load_checkpoint(path: pathlib.Path, model: BcosModel, optimizer, scheduler) 
         raise BcosifyError(f"checkpoint {str(path)!r} is unreadable: {e}") from None
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise BcosifyError(f"checkpoint {str(path)!r} has format {meta.get('format')}, expected {CHECKPOINT_FORMAT}")
-    load_weights(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    return path, meta, tensors
+
+
+def load_checkpoint(path: pathlib.Path, model: BcosModel, optimizer, scheduler) -> dict:
+    """Restore model, optimizer, scheduler and RNG from a checkpoint folder; return its metadata."""
+    return restore_checkpoint(read_checkpoint(path), model, optimizer, scheduler)
+
+
+def restore_checkpoint(checkpoint: tuple[pathlib.Path, dict, dict[str, torch.Tensor]], model: BcosModel, optimizer,
+                       scheduler) -> dict:
+    """Restore model, optimizer, scheduler and RNG from :func:`read_checkpoint`'s result; return the metadata."""
+    path, meta, tensors = checkpoint
+    meta = dict(meta)
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    _check_same_model(path, model, weights)
+    load_weights(model, weights)
     opt_plain = meta["optimizer"]
     state: dict[int, dict] = {int(i): dict(plain) for i, plain in opt_plain["state"].items()}
     for key in meta["optimizer_tensor_keys"]:
@@ -110,3 +125,15 @@ def load_checkpoint(path: pathlib.Path, model: BcosModel, optimizer, scheduler) 
     meta["rng_after"] = tensors["rng.torch"]
     meta["epoch_start_rng"] = tensors["rng.epoch_start"]
     return meta
+
+
+def _check_same_model(path: pathlib.Path, model: BcosModel, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse, in one line, a checkpoint whose weights are not those of ``model``."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    reshaped = sorted(k for k in set(own) & set(weights) if tuple(weights[k].shape) != own[k])
+    if missing or unexpected or reshaped:
+        example = (missing or unexpected or reshaped)[0]
+        raise BcosifyError(f"checkpoint {str(path)!r} is from another model: {len(missing)} of this model's tensors "
+                           f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape (e.g. "
+                           f"{example!r}); resume with the model it was written for, or start in a new --out")

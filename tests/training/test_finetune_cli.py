@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -29,13 +30,29 @@ TINY_VIT = ["--model", "timm:vit_tiny_patch16_224", "--weights", "none", "--mode
 FASHION = ["fashion-mnist", *TINY_VIT, "--limit", "128", "--epochs", "2", "--lr", "1e-2", "--no-progress"]
 
 
-def _run(args, cwd, timeout=300):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+DDP = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE / "rank_folder_entry.py")]
+
+
+def _run(args, cwd, timeout=300, fails=False, **env):
+    """Run ``python ARGS`` in ``cwd`` (``env``: extra variables, e.g. rank_folder_entry.py's faults)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **env,
            "PYTHONPATH": os.pathsep.join([str(HERE.parent.parent), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=cwd,
                             timeout=timeout)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert (result.returncode != 0) == fails, result.stdout + result.stderr
     return result
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> pathlib.Path:
+    """The reference: one process, 2 epochs of 4 updates of 32 images (its output folder)."""
+    cwd = tmp_path_factory.mktemp("single")
+    _run(["-m", "bcosify", "finetune", *FASHION, "--batch-size", "32", "--out", "run"], cwd)
+    return cwd / "run"
+
+
+def _metrics(out: pathlib.Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _weights(out: pathlib.Path, checkpoint: str | None = None) -> dict[str, torch.Tensor]:
@@ -45,30 +62,53 @@ def _weights(out: pathlib.Path, checkpoint: str | None = None) -> dict[str, torc
     return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
-    # one process: updates of 32 images; two processes: each accumulates 2 micro-batches of 8 per update (DDP
-    # averages the gradients of the last one only), the same 32 images of the shuffled data set
-    _run(["-m", "bcosify", "finetune", *FASHION, "--batch-size", "32", "--out", "single"], tmp_path)
-    ddp = _run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(HERE / "rank_folder_entry.py"),
-                str(tmp_path / "ddp"), "finetune", *FASHION, "--batch-size", "8", "--grad-accum", "2", "--out", "run"],
-               tmp_path)
-    one, two = _weights(tmp_path / "single"), _weights(tmp_path / "ddp" / "rank0" / "run")
-    moved = max((one[k] - _weights(tmp_path / "single", "step-00000004")[k]).abs().max() for k in one)
+def _same_run(out: pathlib.Path, reference: pathlib.Path) -> None:
+    """``out`` ends with the weights (to float rounding) and the per-epoch metrics of ``reference``."""
+    one, two = _weights(reference), _weights(out)
+    moved = max((one[k] - _weights(reference, "step-00000004")[k]).abs().max() for k in one)
     assert moved > 1e-3  # the second epoch changed the weights: the comparison below can fail
     for key in one:
         torch.testing.assert_close(two[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
-    lines = [json.loads(line) for line in (tmp_path / "ddp" / "rank0" / "run" / "metrics.jsonl").read_text().splitlines()]
-    reference = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    lines = _metrics(out)
     assert [r["epoch"] for r in lines] == [1, 2]
-    for a, b in zip(lines, reference):  # accuracies and losses summed over both processes' shares
+    for a, b in zip(lines, _metrics(reference)):  # accuracies and losses summed over both processes' shares
         assert a["val_accuracy"] == b["val_accuracy"] and a["accuracy"] == b["accuracy"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, single):
+    # one process: updates of 32 images; two processes: each accumulates 2 micro-batches of 8 per update (DDP
+    # averages the gradients of the last one only), the same 32 images of the shuffled data set
+    ddp = _run([*DDP, str(tmp_path / "ddp"), "finetune", *FASHION, "--batch-size", "8", "--grad-accum", "2",
+                "--out", "run"], tmp_path)
+    _same_run(tmp_path / "ddp" / "rank0" / "run", single)
     # rank 0 alone writes (checkpoints, metrics, model) and reports
     assert not (tmp_path / "ddp" / "rank1" / "run").exists()
     assert sorted(p.name for p in (tmp_path / "ddp" / "rank0" / "run").iterdir()) == ["checkpoints", "metrics.jsonl",
                                                                                        "model"]
     assert ddp.stdout.count("fine-tuned timm:vit_tiny_patch16_224 for 2 epochs") == 1
     assert bcosify.load(tmp_path / "ddp" / "rank0" / "run" / "model").class_names[0] == "T-shirt/top"
+
+
+def test_resume_after_both_processes_are_killed_with_any_world_size(tmp_path, single, capsys):
+    args = ["finetune", *FASHION, "--checkpoint-every", "1", "--out", "run"]
+    # rank 0 dies (SIGKILL) after its 6th checkpoint (update 6 of 8, mid epoch 2); torchrun stops rank 1
+    _run([*DDP, str(tmp_path / "ddp"), *args, "--batch-size", "16"], tmp_path, fails=True, KILL_AFTER_CHECKPOINTS="6")
+    run = tmp_path / "ddp" / "rank0" / "run"
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000006" and not (run / "model").exists()
+    assert len(_metrics(run)) == 1
+    shutil.copytree(run, tmp_path / "alone" / "run")
+    # the same 2 processes resume; so does 1 process with the same global batch of 32 (16 x 2 accumulated)
+    _run([*DDP, str(tmp_path / "ddp"), *args, "--batch-size", "16", "--resume"], tmp_path)
+    _run(["-m", "bcosify", *args, "--batch-size", "16", "--grad-accum", "2", "--resume"], tmp_path / "alone")
+    _same_run(run, single)
+    _same_run(tmp_path / "alone" / "run", single)
+    # another global batch, or another model, is refused in one line
+    message = _error(capsys, *FASHION, "--batch-size", "8", "--resume", "--out", str(run))
+    assert "global batch of 32, this run has 8" in message
+    other = ["--model", "timm:test_resnet", "--weights", "none"]
+    message = _error(capsys, "fashion-mnist", *other, "--limit", "128", "--resume", "--no-progress", "--out", str(run))
+    assert "another model" in message
 
 
 def test_sync_bn_two_processes_equal_one_with_a_batchnorm_model(tmp_path):
