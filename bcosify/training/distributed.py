@@ -62,6 +62,15 @@ def all_sum(*values: float) -> list[float]:
     return total.tolist()
 
 
+def each_process(value: float) -> list[float]:
+    """The ``value`` of every process, by rank (``[value]`` alone)."""
+    if not is_distributed():
+        return [value]
+    values = [0.0] * dist.get_world_size()
+    values[dist.get_rank()] = value
+    return all_sum(*values)
+
+
 def from_main(compute: Callable[[], T]) -> T:
     """``compute()`` run by rank 0 alone and handed to every process (its exception raised in every process):
     for files only rank 0 may see, such as the checkpoints of a run over several machines."""

@@ -22,7 +22,7 @@ from ..nn import sync_batchnorm
 from ..utils import atomic_write, eval_mode
 from .config import FinetuneConfig, History
 from .data import set_epoch
-from .distributed import all_sum, from_main, is_distributed, is_main
+from .distributed import all_sum, each_process, from_main, is_distributed, is_main
 from .state import latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint
 
 
@@ -313,10 +313,14 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
                 loss = compute_loss(cfg.loss, logits, labels, teacher_logits, cfg.distill_temperature,
                                     features=features[0], teacher_features=features[1],
                                     align_logits=cfg.align_logits)
-                if not torch.isfinite(loss):
-                    where = str(last_checkpoint) if last_checkpoint else "none (pass checkpoint_dir to keep some)"
+                losses = each_process(loss.item())  # every process stops when one diverges, none hangs
+                if not all(math.isfinite(v) for v in losses):
+                    where = (str(last_checkpoint) if last_checkpoint else "none yet" if checkpoint_root
+                             else "none (pass checkpoint_dir to keep some)")
+                    bad = [(r, v) for r, v in enumerate(losses) if not math.isfinite(v)]
+                    on = f" on rank {', '.join(str(r) for r, _ in bad)}" if distributed else ""
                     raise TrainingDivergedError(
-                        f"loss became {loss.item()} at update {update + 1} (epoch {epoch + 1}, batch {index + 1}); "
+                        f"loss became {bad[0][1]}{on} at update {update + 1} (epoch {epoch + 1}, batch {index + 1}); "
                         f"last good checkpoint: {where}")
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.item() * len(x)

@@ -2,8 +2,8 @@
 sees what each process writes (``--out`` relative).
 
 Faults for the tests, from the environment: ``KILL_AFTER_CHECKPOINTS=K`` kills rank 0 (SIGKILL) right after it
-wrote its K-th checkpoint (torchrun then stops the others); ``POISON=RANK:N`` makes the N-th training batch of
-process RANK all NaN.
+wrote its K-th checkpoint (torchrun then stops the others); ``POISON=RANK:N`` makes the loss of the N-th training batch
+of process RANK NaN (the model refuses NaN images before any loss).
 """
 
 import os
@@ -29,14 +29,14 @@ def _install_faults(rank: int) -> None:
         loop.save_checkpoint = save_then_die
     poison_rank, _, poison_batch = os.environ.get("POISON", "").partition(":")
     if poison_rank and int(poison_rank) == rank:
-        split, calls = loop._split_batch, []
+        compute_loss, calls = loop.compute_loss, []
 
-        def poisoned(batch):
-            x, labels = split(batch)
+        def poisoned(*args, **kwargs):
             calls.append(1)
-            return (x * float("nan") if len(calls) == int(poison_batch) else x), labels
+            loss = compute_loss(*args, **kwargs)
+            return loss * float("nan") if len(calls) == int(poison_batch) else loss
 
-        loop._split_batch = poisoned
+        loop.compute_loss = poisoned
 
 
 if __name__ == "__main__":

@@ -111,6 +111,17 @@ def test_resume_after_both_processes_are_killed_with_any_world_size(tmp_path, si
     assert "another model" in message
 
 
+def test_a_nan_loss_in_one_process_stops_all_with_one_line_each(tmp_path):
+    # rank 1's second loss is NaN; rank 0's is finite: without a shared check rank 0 would wait in
+    # DDP's gradient all-reduce until torchrun kills it, and say nothing
+    result = _run([*DDP, str(tmp_path), "finetune", *FASHION, "--batch-size", "16", "--out", "run"], tmp_path,
+                  timeout=180, fails=True, POISON="1:2")
+    lines = [line for line in result.stderr.splitlines() if line.startswith("bcosify finetune: error: ")]
+    assert lines == ["bcosify finetune: error: loss became nan on rank 1 at update 2 (epoch 1, batch 2); last good "
+                     "checkpoint: none yet"] * 2, result.stderr
+    assert not (tmp_path / "rank0" / "run" / "model").exists()
+
+
 def test_sync_bn_two_processes_equal_one_with_a_batchnorm_model(tmp_path):
     # per-process statistics would differ (16 images each instead of 32: tests/training/test_sync_bn.py); with
     # --sync-bn both processes normalise with the statistics of the global batch of 32
