@@ -31,6 +31,10 @@ class FinetuneConfig(Options):
         distill_temperature: softmax temperature of ``distill`` (and of ``align``'s logit term).
         align_logits: ``align`` only: weight of a ``distill`` term on the logits added to the feature term
             (0: features only; needs the same classes as the original).
+        mixup_alpha, cutmix_alpha, label_smoothing: mixup / CutMix of each batch with its mirror (timm's
+            ``Mixup``; the Beta distribution's alpha, 0 = off) and label smoothing, giving soft targets (``bce``,
+            ``bce_uniform``, ``ce``); mixup and CutMix together: one of them per batch. They need an even batch per
+            process.
         b: target alignment exponent (default: the model's current ``b``).
         b_schedule, b_ramp_steps: ``fixed`` (paper) or ``linear`` from 1 to ``b`` over the given updates
             (0 = one epoch).
@@ -57,6 +61,9 @@ class FinetuneConfig(Options):
     loss: str = "bce"
     distill_temperature: float = 1.0
     align_logits: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    label_smoothing: float = 0.0
     b: float | None = None
     b_schedule: str = "fixed"
     b_ramp_steps: int = 0
@@ -85,6 +92,11 @@ class FinetuneConfig(Options):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if not (self.align_logits >= 0 and math.isfinite(self.align_logits)):
             raise ValueError(f"align_logits must be a number >= 0, got {self.align_logits}")
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0 or not 0 <= self.label_smoothing < 1:
+            raise ValueError("mixup_alpha and cutmix_alpha must be >= 0 and label_smoothing in [0, 1), got "
+                             f"{self.mixup_alpha}, {self.cutmix_alpha}, {self.label_smoothing}")
+        if self.loss in ("distill", "align") and (self.mixup_alpha or self.cutmix_alpha or self.label_smoothing):
+            raise ValueError(f"mixup, CutMix and label smoothing mix labels; loss={self.loss!r} uses none")
         if self.b is not None:
             self.b = BcosConfig(b=self.b).b
         if self.resume and not self.checkpoint_dir:

@@ -10,6 +10,7 @@ import pathlib
 import time
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,7 +51,8 @@ def compute_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor | None,
                  teacher_logits: torch.Tensor | None = None, temperature: float = 1.0, *,
                  features: torch.Tensor | None = None, teacher_features: torch.Tensor | None = None,
                  align_logits: float = 0.0) -> torch.Tensor:
-    """The training loss ``kind`` (one of ``LOSSES``) of a batch of logits.
+    """The training loss ``kind`` (one of ``LOSSES``) of a batch of logits; ``labels`` are class indices or soft
+    targets (an ``(N, classes)`` float tensor).
 
     ``align`` is the mean over images of the cosine distance ``1 - cos(features, teacher_features)`` between
     the converted model's penultimate features and the original's, both ``(N, D)`` (pooled), plus
@@ -82,8 +84,9 @@ def compute_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor | None,
     if labels is None:
         raise ValueError(f"loss={kind!r} needs labels; use loss='distill' or 'align' for unlabelled data")
     if kind == "ce":
-        return F.cross_entropy(logits.float(), labels)
-    targets = F.one_hot(labels, logits.shape[1]).float()
+        return F.cross_entropy(logits.float(), labels.float() if labels.is_floating_point() else labels)
+    # class indices, or soft targets (one row of class probabilities per image: mixup, label smoothing)
+    targets = labels.float() if labels.is_floating_point() else F.one_hot(labels, logits.shape[1]).float()
     if kind == "bce_uniform":
         targets = targets.clamp_min(1.0 / logits.shape[1])
     return F.binary_cross_entropy_with_logits(logits.float(), targets)
@@ -173,6 +176,21 @@ def evaluate(model: nn.Module, data: Iterable, *, mean=None, std=None, device: s
 
 # --- the loop ------------------------------------------------------------------------------------------
 
+def _label_mixer(cfg: FinetuneConfig, num_classes: int, batch_size: int | None):
+    """``mix(x, labels) -> (mixed x, soft targets)`` for mixup/CutMix/label smoothing, or ``None`` without them."""
+    if not (cfg.mixup_alpha or cfg.cutmix_alpha or cfg.label_smoothing):
+        return None
+    from timm.data.mixup import Mixup, mixup_target
+
+    if not (cfg.mixup_alpha or cfg.cutmix_alpha):
+        return lambda x, labels: (x, mixup_target(labels, num_classes, smoothing=cfg.label_smoothing))
+    if batch_size is not None and batch_size % 2:
+        raise ValueError(f"mixup and CutMix pair each image with another: the batch per process must be even, "
+                         f"got {batch_size}")
+    mixup = Mixup(mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, label_smoothing=cfg.label_smoothing,
+                  num_classes=num_classes)
+    return lambda x, labels: mixup(x.clone(), labels)  # timm mixes in place; the caller's batch stays
+
 def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = None, *,
              val: Iterable | None = None, teacher: nn.Module | None = None, **options: Any) -> History:
     """Fine-tune a converted model on ``train`` (a DataLoader of images in [0, 1], with labels unless distilling).
@@ -216,6 +234,7 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
     global_batch = step_batch * cfg.grad_accum if step_batch else None  # images of one update
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed)  # timm's Mixup draws from numpy
     model.to(device)
     net: nn.Module = model
     if distributed:
@@ -243,6 +262,7 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
     elif cfg.warmup_steps:
         scheduler = timm.scheduler.StepLRScheduler(optimizer, decay_t=10 ** 9, warmup_t=cfg.warmup_steps,
                                                    warmup_lr_init=cfg.lr * 1e-3, t_in_epochs=False)
+    mix = _label_mixer(cfg, model.num_classes, getattr(train, "batch_size", None))
     amp = cfg.amp
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
@@ -299,6 +319,9 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
             labels = labels.to(device, non_blocking=True) if labels is not None else None
             if cfg.loss == "align" and taps is None:
                 taps = _feature_taps(model, teacher, x[:1])
+            targets = labels
+            if mix is not None and labels is not None:
+                x, targets = mix(x, labels)
             model.set_b(b_at(update))
             end_of_update = (index + 1) % cfg.grad_accum == 0 or index + 1 == batches_per_epoch
             # DDP averages gradients on the last micro-batch of an update only
@@ -310,7 +333,7 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
                         with torch.no_grad():
                             teacher_logits = teacher(normalize(x, model.config.mean, model.config.std))
                 features = (taps[0].pooled(), taps[1].pooled()) if taps is not None else (None, None)
-                loss = compute_loss(cfg.loss, logits, labels, teacher_logits, cfg.distill_temperature,
+                loss = compute_loss(cfg.loss, logits, targets, teacher_logits, cfg.distill_temperature,
                                     features=features[0], teacher_features=features[1],
                                     align_logits=cfg.align_logits)
                 losses = each_process(loss.item())  # every process stops when one diverges, none hangs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import bcosify
-from bcosify.training import TrainingDivergedError, evaluate, latest_checkpoint
+from bcosify.training import TrainingDivergedError, compute_loss, evaluate, latest_checkpoint
 
 
 def _data(n=96, seed=0):
@@ -268,3 +269,40 @@ def test_train_original_shuffles_each_epoch_anew():
     first, second = torch.cat(seen[:4]), torch.cat(seen[4:])
     assert len(seen) == 8 and not torch.equal(first, second)
     assert torch.equal(first.sort(0).values, second.sort(0).values)  # the same images, another order
+
+
+@pytest.mark.parametrize("loss", ["bce", "ce"])
+def test_mixup_cutmix_and_label_smoothing_train_on_soft_targets(monkeypatch, loss):
+    import bcosify.training.loop as loop
+
+    seen = []
+
+    def recording(kind, logits, labels, *args):
+        seen.append(labels)
+        return compute_loss(kind, logits, labels, *args)
+
+    monkeypatch.setattr(loop, "compute_loss", recording)
+    batches = [(x.clone(), y) for x, y in _loader(shuffle=False)]  # not a DataLoader: mixing must copy
+    kept = [x.clone() for x, _ in batches]
+    history = bcosify.finetune(_model(), batches, epochs=1, lr=1e-3, loss=loss, mixup_alpha=0.8, cutmix_alpha=1.0,
+                               label_smoothing=0.1, progress=False)
+    assert math.isfinite(history.epochs[0]["loss"]) and len(seen) == len(batches)
+    targets = torch.cat(seen)
+    assert targets.dtype == torch.float32 and targets.shape == (96, 2)
+    torch.testing.assert_close(targets.sum(1), torch.ones(96))
+    assert targets.min() >= 0.05 - 1e-6 and targets.max() <= 0.95 + 1e-6  # smoothing 0.1 over 2 classes
+    mixed = ((targets > 0.05 + 1e-3) & (targets < 0.95 - 1e-3)).any(1)
+    assert mixed.float().mean() > 0.1  # images mixed with one of the other class (about half the pairs)
+    assert all(torch.equal(a, b) for (a, _), b in zip(batches, kept))
+
+    seen.clear()  # label smoothing alone: every target is the smoothed one-hot row
+    bcosify.finetune(_model(), _loader(shuffle=False), epochs=1, loss=loss, label_smoothing=0.2, progress=False)
+    labels = torch.cat([y for _, y in _loader(shuffle=False)])
+    torch.testing.assert_close(torch.cat(seen), torch.nn.functional.one_hot(labels, 2) * 0.8 + 0.1)
+
+
+def test_mixup_needs_an_even_batch_and_labels():
+    with pytest.raises(ValueError, match="batch per process must be even, got 15"):
+        bcosify.finetune(_model(), _loader(batch_size=15), epochs=1, mixup_alpha=0.2, progress=False)
+    with pytest.raises(ValueError, match="loss=.distill. uses none"):
+        bcosify.finetune(_model(), _loader(), teacher=_original(), loss="distill", cutmix_alpha=1.0, epochs=1)

@@ -18,6 +18,13 @@ def test_shipped_recipes_load():
     assert load_recipe("resnet-imagenet").data["batch_size"] == 256
 
 
+def test_mixup_cutmix_and_smoothing_are_recipe_keys(tmp_path):
+    path = tmp_path / "mix.yaml"
+    path.write_text("name: mix\nmodel: timm:resnet18\nfinetune: {mixup_alpha: 0.8, cutmix_alpha: 1.0, "
+                    "label_smoothing: 0.1}\n")
+    assert load_recipe(path).finetune == {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "label_smoothing": 0.1}
+
+
 def test_unknown_recipe_name_lists_the_shipped_ones():
     with pytest.raises(FileNotFoundError, match="shipped recipes: .*fashion-mnist"):
         load_recipe("no-such-recipe")
@@ -28,6 +35,7 @@ def test_unknown_recipe_name_lists_the_shipped_ones():
      "unknown finetune options \\['learning_rate'\\]"),
     ("name: x\nmodel: timm:resnet18\nfinetune: {loss: hinge}\n", "loss must be one of"),
     ("name: x\nmodel: timm:resnet18\nconvert: {b: 0.5}\n", "b must be"),
+    ("name: x\nmodel: timm:resnet18\nfinetune: {mixup_alpha: 0.8, label_smoothing: 1.5}\n", "label_smoothing in"),
     ("- just\n- a list\n", "mapping"),
     ("name: [unclosed\n", "not valid YAML"),
 ])
