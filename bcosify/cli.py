@@ -353,7 +353,8 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
                                                   "batch divided by the number of processes)")
     p.add_argument("--grad-accum", type=int, help="micro-batches of --batch-size per update (default: the recipe's, "
                                                   "else 1)")
-    p.add_argument("--workers", type=int, help="data loader workers per process (default: the recipe's, else 0)")
+    p.add_argument("--workers", type=int, help="data loader workers per process (default: the recipe's, else on GPUs "
+                                                  "the CPU cores per process up to 8, on CPU 0)")
     p.add_argument("--limit", type=int, help="fashion-mnist: use only the first N training and test images")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT/checkpoints "
                                                         "(any number of processes at the same global batch)")

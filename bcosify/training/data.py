@@ -3,6 +3,7 @@ and the loaders, sharded over the processes of a distributed run."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -26,7 +27,7 @@ class DataConfig(Options):
         size: images are ``size x size``; channels: 1 (grey) or 3.
         batch_size: the **global** batch, split evenly over the processes of a distributed run.
         limit, val_limit: use only the first N training / validation images (fashion-mnist).
-        workers: data loader worker processes per training process.
+        workers: data loader worker processes per training process; ``None``: :func:`default_workers`.
         augment: training augmentation (image-folder): random resized crop and flips from
             ``timm.data.create_transform``; ``False`` resizes and centre-crops only.
         auto_augment: timm's auto-augment policy string, e.g. ``rand-m9-mstd0.5-inc1`` (RandAugment) or
@@ -42,7 +43,7 @@ class DataConfig(Options):
     batch_size: int = 256
     limit: int | None = None
     val_limit: int | None = None
-    workers: int = 0
+    workers: int | None = None
     augment: bool = True
     auto_augment: str | None = None
     hflip: float = 0.5
@@ -58,7 +59,7 @@ class DataConfig(Options):
         for name in ("size", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             raise ValueError(f"workers must be >= 0, got {self.workers}")
         self.crop_scale = tuple(float(v) for v in self.crop_scale)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -111,6 +112,15 @@ def per_process_batch(global_batch: int, world_size: int) -> int:
         raise ValueError(f"the global batch {global_batch} is not divisible by the world size {world_size}: "
                          f"choose a batch of a multiple of {world_size}, or --batch-size per process")
     return global_batch // world_size
+
+
+def default_workers(cuda: bool) -> int:
+    """Data loader workers of each process: none on CPU (the training shares its cores), else the CPU cores of this
+    machine shared by its processes (``LOCAL_WORLD_SIZE``), at most 8."""
+    if not cuda:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1))
 
 
 def build_loaders(train: Dataset, val: Dataset, batch_size: int, *, workers: int = 0, seed: int = 0,

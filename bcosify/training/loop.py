@@ -309,8 +309,10 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
         loss_sum, correct, seen = running.get("loss_sum", 0.0), running.get("correct", 0), running.get("seen", 0)
         start = time.perf_counter() - running.get("seconds", 0.0)
         model.train()
+        # one step of the bar is one micro-batch of every process: it counts (and rates) the images of all of them
         bar = tqdm(total=batches_per_epoch, initial=skip_batches if resuming else 0, disable=not progress,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
+                   desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                   unit="img" if step_batch else "batch", unit_scale=step_batch or False)
         first = skip_batches if resuming else 0
         optimizer.zero_grad(set_to_none=True)
         for index, batch in enumerate(batches, start=first):
@@ -380,6 +382,7 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
                   "accuracy": correct / seen if seen and labels is not None else None,
                   "lr": optimizer.param_groups[0]["lr"], "b": model.b, "updates": update,
                   "seconds": time.perf_counter() - start}
+        record["images_per_second"] = seen / record["seconds"]  # of all processes together
         if val is not None:
             record["val_accuracy"] = evaluate(model, val, device=str(device), progress=progress, desc="validate",
                                               distributed=distributed)
@@ -392,7 +395,8 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
             acc = f"  acc {record['accuracy']:.2%}" if record["accuracy"] is not None else ""
             val_text = f"  val {record['val_accuracy']:.2%}" if "val_accuracy" in record else ""
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}{acc}{val_text}  "
-                       f"lr {record['lr']:.1e}  b {record['b']:.2f}  {record['seconds']:.0f}s")
+                       f"lr {record['lr']:.1e}  b {record['b']:.2f}  {record['seconds']:.0f}s  "
+                       f"{record['images_per_second']:.0f} img/s")
         if checkpoint_root and main:
             last_checkpoint = save_checkpoint(checkpoint_root, model, optimizer, scheduler, {
                 "epoch": epoch + 1, "batch_in_epoch": 0, "global_step": update, "global_batch": global_batch,

@@ -163,8 +163,16 @@ def test_b_schedules():
 def test_history_has_the_promised_fields():
     history = bcosify.finetune(_model(), _loader(), epochs=1, progress=False, schedule="cosine", warmup_steps=2)
     record = history.epochs[0]
-    assert set(record) >= {"epoch", "loss", "accuracy", "lr", "b", "seconds", "updates"}
+    assert set(record) >= {"epoch", "loss", "accuracy", "lr", "b", "seconds", "updates", "images_per_second"}
     assert record["updates"] == 6 and history.last("epoch") == 1
+
+
+def test_progress_counts_images(capsys):
+    bcosify.finetune(_model(), _loader(), epochs=1, progress=True)
+    captured = capsys.readouterr()
+    assert "96/96 [" in captured.err and "img/s" in captured.err  # the bar counts images (16 per step)
+    summary = captured.out.strip().splitlines()[-1]
+    assert summary.startswith("epoch 1/1  loss") and summary.endswith(" img/s")
 
 
 class _Interrupt(Exception):

@@ -19,7 +19,7 @@ from torch import nn
 import bcosify
 from bcosify.cli import main
 from bcosify.nn import SyncUncenteredBatchNorm2d, sync_batchnorm
-from bcosify.training.data import DataConfig, build_datasets
+from bcosify.training.data import DataConfig, build_datasets, default_workers
 
 HERE = pathlib.Path(__file__).resolve().parent
 # A one-block ViT: LayerNorm normalises each image on its own, so 2 processes x 16 images compute exactly what
@@ -176,6 +176,14 @@ def test_training_transform_keeps_images_in_unit_range(tmp_path):
         assert classes == ("a", "b")
         for x, _ in (train[0], train[3], val[0]):
             assert x.shape == (channels, 24, 24) and x.min() >= 0 and x.max() <= 1 and x.max() > 0.5
+
+
+def test_loader_workers_default_to_the_cores_of_each_gpu_process(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert default_workers(cuda=False) == 0  # on CPU the training itself uses the cores
+    for processes, workers in (("1", 8), ("4", 3), ("8", 1), ("32", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+        assert default_workers(cuda=True) == workers
 
 
 def test_sync_batchnorm_conversion_leaves_a_converted_model_alone():
