@@ -31,6 +31,7 @@ demo: $(STAMP) data
 
 table: $(STAMP)
 	$(BIN)/python scripts/support_table.py --write README.md
+	$(BIN)/python scripts/recipe_table.py --write README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import sys
 
 import bcosify
 
@@ -24,3 +25,18 @@ def test_support_table_matches_family_list():
 def test_readme_names_the_two_setup_commands():
     text = README.read_text()
     assert "make demo" in text and "make test" in text
+
+
+def test_recipe_table_matches_the_shipped_recipes():
+    import importlib.util
+
+    script = README.parent / "scripts" / "recipe_table.py"
+    spec = importlib.util.spec_from_file_location("recipe_table", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(script.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(script.parent))
+    block = re.search(r"<!-- recipe-table:start -->\n(.*?)\n<!-- recipe-table:end -->", README.read_text(), re.S)
+    assert block.group(1) == module.table(), "run `make table` to regenerate the README's recipe table"
