@@ -24,7 +24,7 @@ from ..utils import atomic_write, eval_mode
 from .config import FinetuneConfig, History
 from .data import set_epoch
 from .distributed import all_sum, each_process, from_main, is_distributed, is_main
-from .state import latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint
+from .state import latest_checkpoint, read_checkpoint, restore_checkpoint, restore_host_rng, save_checkpoint
 
 
 class TrainingDivergedError(BcosifyError, FloatingPointError):
@@ -305,6 +305,8 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
             for _ in range(skip_batches):
                 next(batches)
             torch.set_rng_state(resume_meta["rng_after"])
+        if resuming:
+            restore_host_rng(resume_meta)  # after the skipped batches' augmentations drew from it
         running = resume_meta.get("running", {}) if resuming and main else {}  # saved summed over processes
         loss_sum, correct, seen = running.get("loss_sum", 0.0), running.get("correct", 0), running.get("seen", 0)
         start = time.perf_counter() - running.get("seconds", 0.0)

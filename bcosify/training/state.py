@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import pathlib
 import shutil
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import BcosifyError
@@ -49,7 +51,7 @@ def save_checkpoint(folder: pathlib.Path, model: BcosModel, optimizer, scheduler
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{i}"] = state
     save_file(tensors, str(tmp / "state.safetensors"))
-    payload = {"format": CHECKPOINT_FORMAT, **meta, "optimizer": opt_plain,
+    payload = {"format": CHECKPOINT_FORMAT, **meta, "host_rng": _host_rng_state(), "optimizer": opt_plain,
                "optimizer_tensor_keys": sorted(k for k in tensors if k.startswith("optimizer.")),
                "scheduler": scheduler.state_dict() if scheduler is not None else None}
     (tmp / "state.json").write_text(json.dumps(payload, default=_json_default))
@@ -137,3 +139,20 @@ def _check_same_model(path: pathlib.Path, model: BcosModel, weights: dict[str, t
         raise BcosifyError(f"checkpoint {str(path)!r} is from another model: {len(missing)} of this model's tensors "
                            f"missing, {len(unexpected)} unexpected, {len(reshaped)} of another shape (e.g. "
                            f"{example!r}); resume with the model it was written for, or start in a new --out")
+
+
+def _host_rng_state() -> dict:
+    """Python's and numpy's generator states as JSON (augmentations and timm's Mixup draw from them)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+
+
+def restore_host_rng(meta: dict) -> None:
+    """Set Python's and numpy's generators to their states in a checkpoint's metadata (if it has them)."""
+    state = meta.get("host_rng")
+    if state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

@@ -196,8 +196,11 @@ class _StopAfter:
             yield batch
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("mixed", [False, True], ids=["plain", "mixup"])
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, mixed):
     options = dict(epochs=3, lr=5e-3, grad_accum=2, progress=False, seed=7, checkpoint_every=1)
+    if mixed:  # timm's Mixup draws from numpy: its state is part of the checkpoint
+        options.update(mixup_alpha=0.8, cutmix_alpha=1.0)
     full = _model()
     bcosify.finetune(full, _loader(), checkpoint_dir=str(tmp_path / "a"), **options)
 
