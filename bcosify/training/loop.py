@@ -8,7 +8,7 @@ import json
 import math
 import pathlib
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -176,6 +176,19 @@ def evaluate(model: nn.Module, data: Iterable, *, mean=None, std=None, device: s
 
 # --- the loop ------------------------------------------------------------------------------------------
 
+def _waiting(batches: Iterable, waited: list[float]) -> Iterator:
+    """The items of ``batches``, adding the seconds spent waiting for each one to ``waited[0]``."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - start
+        yield item
+
+
 def _label_mixer(cfg: FinetuneConfig, num_classes: int, batch_size: int | None):
     """``mix(x, labels) -> (mixed x, soft targets)`` for mixup/CutMix/label smoothing, or ``None`` without them."""
     if not (cfg.mixup_alpha or cfg.cutmix_alpha or cfg.label_smoothing):
@@ -317,7 +330,8 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
                    unit="img" if step_batch else "batch", unit_scale=step_batch or False)
         first = skip_batches if resuming else 0
         optimizer.zero_grad(set_to_none=True)
-        for index, batch in enumerate(batches, start=first):
+        waited, session_start = [0.0], time.perf_counter()
+        for index, batch in enumerate(_waiting(batches, waited), start=first):
             x, labels = _split_batch(batch)
             x = x.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True) if labels is not None else None
@@ -385,6 +399,7 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
                   "lr": optimizer.param_groups[0]["lr"], "b": model.b, "updates": update,
                   "seconds": time.perf_counter() - start}
         record["images_per_second"] = seen / record["seconds"]  # of all processes together
+        record["data_share"] = waited[0] / (time.perf_counter() - session_start)  # rank 0's wait for the loader
         if val is not None:
             record["val_accuracy"] = evaluate(model, val, device=str(device), progress=progress, desc="validate",
                                               distributed=distributed)
@@ -398,7 +413,7 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
             val_text = f"  val {record['val_accuracy']:.2%}" if "val_accuracy" in record else ""
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}{acc}{val_text}  "
                        f"lr {record['lr']:.1e}  b {record['b']:.2f}  {record['seconds']:.0f}s  "
-                       f"{record['images_per_second']:.0f} img/s")
+                       f"{record['images_per_second']:.0f} img/s  data {record['data_share']:.0%}")
         if checkpoint_root and main:
             last_checkpoint = save_checkpoint(checkpoint_root, model, optimizer, scheduler, {
                 "epoch": epoch + 1, "batch_in_epoch": 0, "global_step": update, "global_batch": global_batch,

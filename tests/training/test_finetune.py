@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import time
 
 import pytest
 import torch
@@ -163,7 +164,9 @@ def test_b_schedules():
 def test_history_has_the_promised_fields():
     history = bcosify.finetune(_model(), _loader(), epochs=1, progress=False, schedule="cosine", warmup_steps=2)
     record = history.epochs[0]
-    assert set(record) >= {"epoch", "loss", "accuracy", "lr", "b", "seconds", "updates", "images_per_second"}
+    assert set(record) >= {"epoch", "loss", "accuracy", "lr", "b", "seconds", "updates", "images_per_second",
+                           "data_share"}
+    assert 0 <= record["data_share"] < 1
     assert record["updates"] == 6 and history.last("epoch") == 1
 
 
@@ -172,8 +175,22 @@ def test_progress_counts_images(capsys):
     captured = capsys.readouterr()
     assert "96/96 [" in captured.err and "img/s" in captured.err  # the bar counts images (16 per step)
     summary = captured.out.strip().splitlines()[-1]
-    assert summary.startswith("epoch 1/1  loss") and summary.endswith(" img/s")
+    assert summary.startswith("epoch 1/1  loss") and " img/s  data " in summary
 
+
+def test_data_share_is_the_time_spent_waiting_for_batches():
+    class Slow:
+        def __len__(self):
+            return 3
+
+        def __iter__(self):
+            for i, batch in enumerate(_loader()):
+                if i < 3:
+                    time.sleep(0.5)
+                    yield batch
+
+    record = bcosify.finetune(_model(), Slow(), epochs=1, progress=False).epochs[0]
+    assert record["data_share"] > 0.3  # 1.5 s of sleep next to 3 steps of a tiny model
 
 class _Interrupt(Exception):
     pass
