@@ -204,6 +204,7 @@ def _label_mixer(cfg: FinetuneConfig, num_classes: int, batch_size: int | None):
                   num_classes=num_classes)
     return lambda x, labels: mixup(x.clone(), labels)  # timm mixes in place; the caller's batch stays
 
+
 def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = None, *,
              val: Iterable | None = None, teacher: nn.Module | None = None, **options: Any) -> History:
     """Fine-tune a converted model on ``train`` (a DataLoader of images in [0, 1], with labels unless distilling).
