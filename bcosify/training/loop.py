@@ -320,7 +320,7 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
                 next(batches)
             torch.set_rng_state(resume_meta["rng_after"])
         if resuming:
-            restore_host_rng(resume_meta)  # after the skipped batches' augmentations drew from it
+            restore_host_rng(resume_meta, python=main)  # after the skipped batches' augmentations drew from it
         running = resume_meta.get("running", {}) if resuming and main else {}  # saved summed over processes
         loss_sum, correct, seen = running.get("loss_sum", 0.0), running.get("correct", 0), running.get("seen", 0)
         start = time.perf_counter() - running.get("seconds", 0.0)

@@ -148,11 +148,16 @@ def _host_rng_state() -> dict:
     return {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
 
 
-def restore_host_rng(meta: dict) -> None:
-    """Set Python's and numpy's generators to their states in a checkpoint's metadata (if it has them)."""
+def restore_host_rng(meta: dict, *, python: bool = True) -> None:
+    """Set numpy's generator, and with ``python`` Python's, to their states in a checkpoint's metadata (if any).
+
+    The checkpoint holds rank 0's states: other processes keep their own Python generator, so that their
+    augmentations do not repeat rank 0's.
+    """
     state = meta.get("host_rng")
     if state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
+        if python:
+            version, internal, gauss = state["python"]
+            random.setstate((version, tuple(internal), gauss))
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
