@@ -8,6 +8,7 @@ import pathlib
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ..config import Options
@@ -130,6 +131,8 @@ def build_loaders(train: Dataset, val: Dataset, batch_size: int, *, workers: int
     Training batches come from a ``DistributedSampler`` (shuffled with ``seed`` and the epoch, incomplete last
     batches dropped) in every run, so that the ``world_size`` processes of one step see together exactly the
     global batch a single process would see. Validation images are split without repeats (``rank::world_size``).
+    Worker processes draw their seeds from ``seed`` and ``rank``: reproducible, and different in every process, so
+    that the processes do not augment their images alike.
     """
     sampler = DistributedSampler(train, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
     if len(sampler) < batch_size:
@@ -137,7 +140,8 @@ def build_loaders(train: Dataset, val: Dataset, batch_size: int, *, workers: int
                         f"{batch_size * world_size}")
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
     val_share = Subset(val, range(rank, len(val), world_size)) if world_size > 1 else val
-    return (DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True, **common),
+    seeds = torch.Generator().manual_seed(seed + 1_000_003 * rank)  # else every process's workers alike
+    return (DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True, generator=seeds, **common),
             DataLoader(val_share, batch_size=batch_size, **common))
 
 

@@ -19,7 +19,7 @@ from torch import nn
 import bcosify
 from bcosify.cli import main
 from bcosify.nn import SyncUncenteredBatchNorm2d, sync_batchnorm
-from bcosify.training.data import DataConfig, build_datasets, default_workers
+from bcosify.training.data import DataConfig, build_datasets, build_loaders, default_workers
 
 HERE = pathlib.Path(__file__).resolve().parent
 # A one-block ViT: LayerNorm normalises each image on its own, so 2 processes x 16 images compute exactly what
@@ -176,6 +176,27 @@ def test_training_transform_keeps_images_in_unit_range(tmp_path):
         assert classes == ("a", "b")
         for x, _ in (train[0], train[3], val[0]):
             assert x.shape == (channels, 24, 24) and x.min() >= 0 and x.max() <= 1 and x.max() > 0.5
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Images that are random draws of the loader worker's generator (what a random augmentation sees)."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return torch.rand(1, 2, 2), 0
+
+
+def test_each_process_augments_differently_and_reproducibly():
+    def first_batch(rank):
+        torch.manual_seed(0)  # as finetune seeds every process alike
+        train, _ = build_loaders(_Draws(), _Draws(), 4, workers=1, seed=3, rank=rank, world_size=2)
+        return next(iter(train))[0]
+
+    zero = first_batch(0)
+    assert torch.equal(zero, first_batch(0))  # reproducible
+    assert not torch.equal(zero, first_batch(1))  # the two processes' workers draw differently
 
 
 def test_loader_workers_default_to_the_cores_of_each_gpu_process(monkeypatch):
