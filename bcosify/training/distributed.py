@@ -71,6 +71,15 @@ def each_process(value: float) -> list[float]:
     return all_sum(*values)
 
 
+def gather(value: T) -> list[T]:
+    """``value`` of every process, by rank (``[value]`` alone)."""
+    if not is_distributed():
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def from_main(compute: Callable[[], T]) -> T:
     """``compute()`` run by rank 0 alone and handed to every process (its exception raised in every process):
     for files only rank 0 may see, such as the checkpoints of a run over several machines."""

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import pathlib
+import random
 import time
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -23,8 +24,9 @@ from ..nn import sync_batchnorm
 from ..utils import atomic_write, eval_mode
 from .config import FinetuneConfig, History
 from .data import set_epoch
-from .distributed import all_sum, each_process, from_main, is_distributed, is_main
-from .state import latest_checkpoint, read_checkpoint, restore_checkpoint, restore_host_rng, save_checkpoint
+from .distributed import all_sum, each_process, from_main, gather, is_distributed, is_main
+from .state import (latest_checkpoint, read_checkpoint, restore_checkpoint, restore_host_rng, rng_state,
+                    save_checkpoint)
 
 
 class TrainingDivergedError(BcosifyError, FloatingPointError):
@@ -246,9 +248,11 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
     if distributed and step_batch:
         step_batch *= torch.distributed.get_world_size()
     global_batch = step_batch * cfg.grad_accum if step_batch else None  # images of one update
-    if cfg.seed is not None:
-        torch.manual_seed(cfg.seed)
-        np.random.seed(cfg.seed)  # timm's Mixup draws from numpy
+    rank = torch.distributed.get_rank() if distributed else 0
+    if cfg.seed is not None:  # each process its own streams: augmentations, dropout, mixup differ between them
+        torch.manual_seed(cfg.seed + rank)
+        np.random.seed(cfg.seed + rank)  # timm's Mixup draws from numpy
+        random.seed(cfg.seed + rank)  # timm's crops and RandAugment from Python's
     model.to(device)
     net: nn.Module = model
     if distributed:
@@ -294,7 +298,7 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
         found = from_main(read_latest)  # rank 0's checkpoint, for every process
         if found is not None:
             last_checkpoint = found[0]
-            resume_meta = restore_checkpoint(found, model, optimizer, scheduler)
+            resume_meta = restore_checkpoint(found, model, optimizer, scheduler, rank)
             if None not in (resume_meta.get("global_batch"), global_batch) and \
                     resume_meta["global_batch"] != global_batch:
                 raise BcosifyError(f"checkpoint {str(last_checkpoint)!r} was written with a global batch of "
@@ -320,7 +324,7 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
                 next(batches)
             torch.set_rng_state(resume_meta["rng_after"])
         if resuming:
-            restore_host_rng(resume_meta, python=main)  # after the skipped batches' augmentations drew from it
+            restore_host_rng(resume_meta)  # after the skipped batches' augmentations drew from it
         running = resume_meta.get("running", {}) if resuming and main else {}  # saved summed over processes
         loss_sum, correct, seen = running.get("loss_sum", 0.0), running.get("correct", 0), running.get("seen", 0)
         start = time.perf_counter() - running.get("seconds", 0.0)
@@ -380,12 +384,13 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
                 if checkpoint_root and cfg.checkpoint_every and update % cfg.checkpoint_every == 0 \
                         and index + 1 < batches_per_epoch:
                     totals = all_sum(loss_sum, correct, seen)  # every process takes part
+                    rngs = gather(rng_state(epoch_start_rng))
                     if main:
                         last_checkpoint = save_checkpoint(checkpoint_root, model, optimizer, scheduler, {
                             "epoch": epoch, "batch_in_epoch": index + 1, "global_step": update,
                             "images_in_epoch": (index + 1) * step_batch if step_batch else None,
                             "global_batch": global_batch, "history": history.epochs,
-                            "epoch_start_rng": epoch_start_rng,
+                            "rng": rngs,
                             "running": {"loss_sum": totals[0], "correct": int(totals[1]), "seen": int(totals[2]),
                                         "seconds": time.perf_counter() - start}})
             bar.update(1)
@@ -415,10 +420,11 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
             tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {record['loss']:.4f}{acc}{val_text}  "
                        f"lr {record['lr']:.1e}  b {record['b']:.2f}  {record['seconds']:.0f}s  "
                        f"{record['images_per_second']:.0f} img/s  data {record['data_share']:.0%}")
+        rngs = gather(rng_state(torch.get_rng_state())) if checkpoint_root else []  # every process takes part
         if checkpoint_root and main:
             last_checkpoint = save_checkpoint(checkpoint_root, model, optimizer, scheduler, {
                 "epoch": epoch + 1, "batch_in_epoch": 0, "global_step": update, "global_batch": global_batch,
-                "history": history.epochs, "epoch_start_rng": torch.get_rng_state()})
+                "history": history.epochs, "rng": rngs})
         resume_meta = None
     model.eval()
     return history

@@ -16,7 +16,7 @@ from ..errors import BcosifyError
 from ..model import BcosModel
 from ..weights import load_weights
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: generator states of every process
 
 
 def _tensor_state(prefix: str, state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -45,13 +45,13 @@ def save_checkpoint(folder: pathlib.Path, model: BcosModel, optimizer, scheduler
         t, plain = _tensor_state(f"optimizer.{index}.", state)
         tensors.update(t)
         opt_plain["state"][str(index)] = plain
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.epoch_start"] = meta.pop("epoch_start_rng")
-    if torch.cuda.is_available():
-        for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = state
+    rngs = meta.pop("rng")
+    for rank, state in enumerate(rngs):
+        for key in ("torch", "epoch_start", "cuda"):
+            if key in state:
+                tensors[f"rng.{rank}.{key}"] = state[key]
     save_file(tensors, str(tmp / "state.safetensors"))
-    payload = {"format": CHECKPOINT_FORMAT, **meta, "host_rng": _host_rng_state(), "optimizer": opt_plain,
+    payload = {"format": CHECKPOINT_FORMAT, **meta, "host_rng": [s["host"] for s in rngs], "optimizer": opt_plain,
                "optimizer_tensor_keys": sorted(k for k in tensors if k.startswith("optimizer.")),
                "scheduler": scheduler.state_dict() if scheduler is not None else None}
     (tmp / "state.json").write_text(json.dumps(payload, default=_json_default))
@@ -103,8 +103,9 @@ def load_checkpoint(path: pathlib.Path, model: BcosModel, optimizer, scheduler) 
 
 
 def restore_checkpoint(checkpoint: tuple[pathlib.Path, dict, dict[str, torch.Tensor]], model: BcosModel, optimizer,
-                       scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG from :func:`read_checkpoint`'s result; return the metadata."""
+                       scheduler, rank: int = 0) -> dict:
+    """Restore model, optimizer, scheduler and process ``rank``'s generators from :func:`read_checkpoint`'s result;
+    return the metadata (with this process's generator states)."""
     path, meta, tensors = checkpoint
     meta = dict(meta)
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -119,13 +120,18 @@ def restore_checkpoint(checkpoint: tuple[pathlib.Path, dict, dict[str, torch.Ten
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     if scheduler is not None and meta.get("scheduler") is not None:
         scheduler.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(tensors["rng.torch"])
-    if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-        if cuda:
-            torch.cuda.set_rng_state_all(cuda)
-    meta["rng_after"] = tensors["rng.torch"]
-    meta["epoch_start_rng"] = tensors["rng.epoch_start"]
+    if f"rng.{rank}.torch" in tensors:
+        meta["rng_after"], meta["epoch_start_rng"] = tensors[f"rng.{rank}.torch"], tensors[f"rng.{rank}.epoch_start"]
+        meta["host_rng"] = meta["host_rng"][rank]
+        if f"rng.{rank}.cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors[f"rng.{rank}.cuda"])
+    else:  # more processes than the checkpoint's: a stream of its own (the run cannot repeat one it never had)
+        fresh = torch.Generator().manual_seed(1_000_003 * rank + meta["global_step"]).get_state()
+        meta["rng_after"] = meta["epoch_start_rng"] = fresh
+        meta["host_rng"] = None
+        random.seed(1_000_003 * rank + meta["global_step"])
+        np.random.seed((1_000_003 * rank + meta["global_step"]) % 2 ** 32)
+    torch.set_rng_state(meta["rng_after"])
     return meta
 
 
@@ -141,6 +147,15 @@ def _check_same_model(path: pathlib.Path, model: BcosModel, weights: dict[str, t
                            f"{example!r}); resume with the model it was written for, or start in a new --out")
 
 
+def rng_state(epoch_start: torch.Tensor) -> dict:
+    """This process's generator states for a checkpoint: torch's (now, and ``epoch_start`` at the start of the
+    epoch), its CUDA device's, Python's and numpy's."""
+    state = {"torch": torch.get_rng_state(), "epoch_start": epoch_start, "host": _host_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
 def _host_rng_state() -> dict:
     """Python's and numpy's generator states as JSON (augmentations and timm's Mixup draw from them)."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
@@ -148,16 +163,11 @@ def _host_rng_state() -> dict:
     return {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
 
 
-def restore_host_rng(meta: dict, *, python: bool = True) -> None:
-    """Set numpy's generator, and with ``python`` Python's, to their states in a checkpoint's metadata (if any).
-
-    The checkpoint holds rank 0's states: other processes keep their own Python generator, so that their
-    augmentations do not repeat rank 0's.
-    """
+def restore_host_rng(meta: dict) -> None:
+    """Set Python's and numpy's generators to this process's states in :func:`restore_checkpoint`'s metadata."""
     state = meta.get("host_rng")
     if state:
-        if python:
-            version, internal, gauss = state["python"]
-            random.setstate((version, tuple(internal), gauss))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

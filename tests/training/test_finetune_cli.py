@@ -111,6 +111,22 @@ def test_resume_after_both_processes_are_killed_with_any_world_size(tmp_path, si
     assert "another model" in message
 
 
+def test_resume_continues_every_process_s_own_random_streams(tmp_path):
+    # stochastic depth and dropout draw from each process's generator: 2 processes resumed after a kill end where
+    # the uninterrupted 2 processes end only if each one gets its own generator states back
+    noisy = ["--model-kwargs", '{"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 16, "num_heads": 2, '
+                               '"drop_path_rate": 0.5, "proj_drop_rate": 0.2}']
+    args = ["finetune", *FASHION, *noisy, "--batch-size", "16", "--checkpoint-every", "1", "--out", "run"]
+    _run([*DDP, str(tmp_path / "whole"), *args], tmp_path)
+    _run([*DDP, str(tmp_path / "killed"), *args], tmp_path, fails=True, KILL_AFTER_CHECKPOINTS="6")
+    state = load_file(str(tmp_path / "killed" / "rank0" / "run" / "checkpoints" / "step-00000006" / "state.safetensors"))
+    assert not torch.equal(state["rng.0.torch"], state["rng.1.torch"])  # seeded per process
+    _run([*DDP, str(tmp_path / "killed"), *args, "--resume"], tmp_path)
+    whole, resumed = _weights(tmp_path / "whole" / "rank0" / "run"), _weights(tmp_path / "killed" / "rank0" / "run")
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_a_nan_loss_in_one_process_stops_all_with_one_line_each(tmp_path):
     # rank 1's second loss is NaN; rank 0's is finite: without a shared check rank 0 would wait in
     # DDP's gradient all-reduce until torchrun kills it, and say nothing
