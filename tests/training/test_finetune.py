@@ -305,9 +305,9 @@ def test_mixup_cutmix_and_label_smoothing_train_on_soft_targets(monkeypatch, los
 
     seen = []
 
-    def recording(kind, logits, labels, *args):
+    def recording(kind, logits, labels, *args, **kwargs):
         seen.append(labels)
-        return compute_loss(kind, logits, labels, *args)
+        return compute_loss(kind, logits, labels, *args, **kwargs)
 
     monkeypatch.setattr(loop, "compute_loss", recording)
     batches = [(x.clone(), y) for x, y in _loader(shuffle=False)]  # not a DataLoader: mixing must copy
