@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
 TOKEN_POOLS = (None, "mean")
+PADDING_MODES = ("zeros", "replicate", "reflect")  # as bcosify.nn.bcos.PADDING_MODES
+PADDING_LAYERS = ("first", "all")
 #: fields filled in by :func:`bcosify.convert` (a user may leave them unset)
 RESOLVED_FIELDS = ("mean", "std", "logit_bias", "num_classes", "in_chans", "spec", "model_kwargs", "model_class",
                    "normalization_from")
@@ -67,6 +69,14 @@ class BcosConfig(Options):
         token_pool: ``"mean"`` classifies the mean of the patch tokens instead of the class token (vision
             transformers, as B-cos ViTs do; changes the function, so fine-tune after); ``None`` keeps the
             model's own pooling.
+        padding_mode: how the converted convolutions (see ``padding_layers``) pad: ``"zeros"`` as the original;
+            ``"replicate"`` or ``"reflect"`` pad with copies of the input pixels, so a uniform background stays
+            uniform up to the border and the zero-padded border of the ``[x, 1 - x]`` encoding is no constant
+            feature the bias-free model can use. Still dynamic linear with exact completeness (the padding is a
+            linear map of the input: padded taps' contributions go to the pixels they copy), but the function
+            changes at the border (fine-tune after). ``"reflect"`` needs feature maps larger than the padding.
+        padding_layers: ``"first"`` (the layer that takes the image) or ``"all"`` B-cos convolutions take
+            ``padding_mode``.
         strict: refuse unknown modules on the value path (``False`` leaves them and reports them).
         class_names: optional names of the output classes.
         in_chans: input color channels (resolved from the model).
@@ -87,6 +97,8 @@ class BcosConfig(Options):
     maxpool_to_avgpool: bool = False
     gap_reorder: bool = False
     token_pool: str | None = None
+    padding_mode: str = "zeros"
+    padding_layers: str = "first"
     strict: bool = True
     class_names: tuple[str, ...] | None = None
     in_chans: int | None = None
@@ -109,6 +121,10 @@ class BcosConfig(Options):
             raise ValueError(f"std must be positive, got {self.std}")
         if self.token_pool not in TOKEN_POOLS:
             raise ValueError(f"token_pool must be one of {TOKEN_POOLS}, got {self.token_pool!r}")
+        if self.padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {self.padding_mode!r}")
+        if self.padding_layers not in PADDING_LAYERS:
+            raise ValueError(f"padding_layers must be one of {PADDING_LAYERS}, got {self.padding_layers!r}")
         for name in ("num_classes", "in_chans"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):

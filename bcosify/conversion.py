@@ -12,7 +12,7 @@ from torch import nn
 from .config import BcosConfig
 from .errors import ConversionError
 from .model import BcosModel
-from .nn import fold_input_normalization, resolve_normalization
+from .nn import BcosConv2d, fold_input_normalization, resolve_normalization
 from .surgery.engine import convert_modules, replace_classifier
 from .surgery.report import type_name
 from .surgery.rules import DESCEND, FIRST_LAYER_TYPES, PLAIN_CONVS, RULES, Rule
@@ -33,7 +33,7 @@ def convert(model: nn.Module | str, config: BcosConfig | None = None, *, weights
             ``"torchvision:NAME"``.
         config: a :class:`BcosConfig`; ``**options`` (its field names: ``b``, ``keep_bias``, ``mean``, ``std``,
             ``num_classes``, ``strict``, ``normalize_weights``, ``logit_bias``, ``maxpool_to_avgpool``,
-            ``gap_reorder``, ``token_pool``, ``class_names``) override its values.
+            ``gap_reorder``, ``token_pool``, ``padding_mode``, ``padding_layers``, ``class_names``) override its values.
         weights, model_kwargs, key_map: for a spec only; see :func:`bcosify.weights.build_model`.
         rules: extra ``{exact module type: Rule}`` entries for this call only (they take precedence over the
             built-in table; see :mod:`bcosify.surgery.rules`).
@@ -119,7 +119,23 @@ def _convert_prepared(network: nn.Module, config: BcosConfig, info, rules: Mappi
     """The conversion proper, of a network whose classifier and pooling are final and config resolved."""
     _encode_first_layer(network, info.first_layer_path, config, {**RULES, **(rules or {})})
     network, report = convert_modules(network, config, info, rules)
+    if config.padding_mode != "zeros":
+        _set_padding(network, info.first_layer_path, config)
     return BcosModel(network, config, report)
+
+
+def _set_padding(network: nn.Module, first_layer_path: str, config: BcosConfig) -> None:
+    """Give the first (or every) B-cos convolution ``config.padding_mode``."""
+    if config.padding_layers == "first":
+        first = network.get_submodule(first_layer_path)
+        if not isinstance(first, BcosConv2d):
+            raise ConversionError(f"padding_mode={config.padding_mode!r} needs a convolution as the first layer; "
+                                  f"{first_layer_path} is a {type(first).__name__}")
+        convs = [first]
+    else:
+        convs = [m for m in network.modules() if isinstance(m, BcosConv2d)]
+    for conv in convs:
+        conv.padding_mode = config.padding_mode
 
 
 def _encode_first_layer(network: nn.Module, path: str, config: BcosConfig, rules: Mapping[type, Rule]) -> None:

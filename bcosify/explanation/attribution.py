@@ -20,12 +20,15 @@ from ..model import BcosModel
 from ..utils import eval_mode
 from .explanation import Explanation, explain
 
-__all__ = ["POSTHOC_METHODS", "Attribution", "AttributionMethod", "PosthocAttribution", "attribution_maps",
-           "last_conv_stage", "method_name", "posthoc_attribution", "quantus_explain"]
+__all__ = ["LRP_METHOD", "POSTHOC_METHODS", "Attribution", "AttributionMethod", "LRPAttribution",
+           "PosthocAttribution", "attribution_maps", "last_conv_stage", "method_name", "posthoc_attribution",
+           "quantus_explain"]
 
 POSTHOC_METHODS = ("ixg", "gradcam", "ig")
+#: layer-wise relevance propagation (zennit's EpsilonPlusFlat composite); optional, as it needs zennit
+LRP_METHOD = "lrp"
 _METHOD_NAMES = {"bcos": "B-cos contributions", "ixg": "input x gradient", "gradcam": "Grad-CAM",
-                 "ig": "integrated gradients"}
+                 "ig": "integrated gradients", "lrp": "LRP (EpsilonPlusFlat)"}
 
 
 @runtime_checkable
@@ -216,18 +219,61 @@ class PosthocAttribution:
         return out
 
 
+class LRPAttribution:
+    """Layer-wise relevance propagation of the original model with zennit's ``EpsilonPlusFlat`` composite
+    (flat rule on the first layer, z+ on the other convolutions, epsilon on linear layers; BatchNorm merged into
+    the convolution before it), taking images in [0, 1] (see :func:`posthoc_attribution`). The relevance
+    propagated down starts as the target logit, so where the rules conserve it the relevance sums to the logit."""
+
+    method = LRP_METHOD
+
+    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("zennit") is None:
+            raise ImportError("LRP needs zennit: pip install zennit")
+        self.forward_func = model
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def attribute(self, inputs: torch.Tensor, target: Any = None) -> torch.Tensor:
+        """Relevance ``(N, C, H, W)`` of the normalized input for ``target`` (``None``: the predicted class)."""
+        from zennit.attribution import Gradient
+        from zennit.canonizers import SequentialMergeBatchNorm
+        from zennit.composites import EpsilonPlusFlat
+
+        model = self.forward_func
+        with eval_mode(model):
+            normalized = normalize(inputs.detach(), self.mean, self.std)
+            with torch.no_grad():
+                logits = model(normalized)
+            if target is None:
+                target = logits.argmax(1)
+            target = torch.as_tensor(target, device=logits.device).long().expand(len(normalized))
+            start = torch.zeros_like(logits).scatter_(1, target[:, None], logits.gather(1, target[:, None]))
+            composite = EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])
+            with Gradient(model, composite) as attributor:
+                _, relevance = attributor(normalized.requires_grad_(True), start)
+        return relevance.detach()
+
+
 def posthoc_attribution(model: nn.Module, method: str, *, mean: Sequence[float], std: Sequence[float],
                         layer: str | None = None, steps: int = 20,
-                        internal_batch_size: int | None = None) -> PosthocAttribution:
+                        internal_batch_size: int | None = None) -> PosthocAttribution | LRPAttribution:
     """A captum attribution of the original (unconverted) ``model`` that takes images in [0, 1].
 
     ``model`` takes images normalized with ``mean``/``std``. ``method``: ``"ixg"`` (input x gradient on the
     normalized input), ``"ig"`` (integrated gradients with ``steps`` steps from the zero normalized input,
     i.e. the mean color) or ``"gradcam"`` (Grad-CAM at ``layer``, default :func:`last_conv_stage`, upsampled
-    to the image, one channel). Needs captum (``pip install 'bcosify[eval]'``).
+    to the image, one channel). Needs captum (``pip install 'bcosify[eval]'``). ``"lrp"`` is
+    :class:`LRPAttribution` (needs zennit).
     """
+    if method == LRP_METHOD:
+        if isinstance(model, BcosModel):
+            raise TypeError("post-hoc methods run on the original model; pass the unconverted nn.Module")
+        return LRPAttribution(model, mean, std)
     if method not in POSTHOC_METHODS:
-        raise ValueError(f"unknown post-hoc method {method!r}; expected one of {list(POSTHOC_METHODS)}")
+        raise ValueError(f"unknown post-hoc method {method!r}; expected one of {list(POSTHOC_METHODS)} or "
+                         f"{LRP_METHOD!r}")
     if isinstance(model, BcosModel):
         raise TypeError("post-hoc methods run on the original model; pass the unconverted nn.Module")
     if not isinstance(model, nn.Module):

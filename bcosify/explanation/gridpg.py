@@ -20,8 +20,8 @@ from torch import nn
 
 from ..data import IMAGENET_MEAN, IMAGENET_STD, Normalized
 from ..model import BcosModel
-from .attribution import (POSTHOC_METHODS, Attribution, Method, attribution_maps, last_conv_stage, method_name,
-                          posthoc_attribution)
+from .attribution import (LRP_METHOD, POSTHOC_METHODS, Attribution, Method, attribution_maps, last_conv_stage,
+                          method_name, posthoc_attribution)
 
 __all__ = [
     "POSTHOC_METHODS",
@@ -233,33 +233,39 @@ def grid_pointing_game(attribute: Method, grids: torch.Tensor, classes: torch.Te
 def run_gridpg(images: torch.Tensor, labels: torch.Tensor, n: int, *, bcos_model: BcosModel | None = None,
                original: nn.Module | None = None, methods: Sequence[str] | None = None,
                num_grids: int | None = None, seed: int = 0, ig_steps: int = 20,
-               gradcam_layer: str | None = None, progress: bool = False) -> dict[str, GridPGResult]:
+               gradcam_layer: str | None = None, per_class: int = 1, mean: Sequence[float] | None = None,
+               std: Sequence[float] | None = None, progress: bool = False) -> dict[str, GridPGResult]:
     """The whole GridPG protocol for every requested method, one :class:`GridPGResult` each.
 
     ``"bcos"`` explains ``bcos_model``; the post-hoc methods (:data:`POSTHOC_METHODS`) explain ``original``
-    with the input normalization of ``bcos_model`` (or ImageNet's). Each model builds its own grids from the
-    images it classifies correctly and most confidently (one per class, :func:`confident_images`), with the
-    same ``seed``. ``methods`` defaults to every method whose model was given.
+    with the input normalization ``mean``/``std`` (default: that of ``bcos_model``, or ImageNet's). Each model builds its own grids from the
+    images it classifies correctly and most confidently (``per_class`` per class, :func:`confident_images`),
+    with the same ``seed``. ``methods`` defaults to every method whose model was given; ``"lrp"`` (zennit) runs
+    only when asked for.
     """
     if bcos_model is None and original is None:
         raise ValueError("run_gridpg needs a bcos_model, an original model, or both")
     if methods is None:
         methods = (["bcos"] if bcos_model is not None else []) + (list(POSTHOC_METHODS) if original is not None else [])
-    unknown = [m for m in methods if m not in ("bcos",) + POSTHOC_METHODS]
+    posthoc = POSTHOC_METHODS + (LRP_METHOD,)
+    unknown = [m for m in methods if m not in ("bcos",) + posthoc]
     if unknown:
-        raise ValueError(f"unknown GridPG methods {unknown}; expected some of {['bcos', *POSTHOC_METHODS]}")
+        raise ValueError(f"unknown GridPG methods {unknown}; expected some of {['bcos', *posthoc]}")
     if "bcos" in methods and bcos_model is None:
         raise ValueError("the 'bcos' method needs a bcos_model")
-    if any(m in POSTHOC_METHODS for m in methods) and original is None:
+    if any(m in posthoc for m in methods) and original is None:
         raise ValueError("post-hoc methods need the original (unconverted) model")
-    mean = bcos_model.config.mean if bcos_model is not None else IMAGENET_MEAN
-    std = bcos_model.config.std if bcos_model is not None else IMAGENET_STD
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
+    if mean is None:
+        mean = bcos_model.config.mean if bcos_model is not None else IMAGENET_MEAN
+        std = bcos_model.config.std if bcos_model is not None else IMAGENET_STD
     labels = _check_labels(images, labels)
     grid_sets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def grids_for(key: str, classify) -> tuple[torch.Tensor, torch.Tensor]:
         if key not in grid_sets:
-            chosen = confident_images(classify, images, labels)
+            chosen = confident_images(classify, images, labels, per_class=per_class)
             grid_sets[key] = make_grids(images[chosen], labels[chosen], n, num_grids=num_grids, seed=seed)
         return grid_sets[key]
 

@@ -181,30 +181,50 @@ def conv_patch_sq_norms(
     return F.conv2d(sq, ones, None, stride, padding, dilation, groups=sq.shape[1])
 
 
-def _pad_same(x: torch.Tensor, kernel_size, stride, dilation) -> torch.Tensor:
-    """Zero-pad ``x`` like TensorFlow's 'SAME' (as timm's ``Conv2dSame``)."""
+def _pad_same(x: torch.Tensor, kernel_size, stride, dilation, mode: str = "zeros") -> torch.Tensor:
+    """Pad ``x`` like TensorFlow's 'SAME' (as timm's ``Conv2dSame``), with zeros or with ``mode``."""
     pads = []
     for size, k, s, d in zip(x.shape[-2:], kernel_size, stride, dilation):
         total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
         pads.append((total // 2, total - total // 2))
     (top, bottom), (left, right) = pads
     if top or bottom or left or right:
-        x = F.pad(x, [left, right, top, bottom])
+        x = _pad(x, (left, right, top, bottom), mode)
     return x
 
 
+#: how a :class:`BcosConv2d` pads its input: ``zeros`` (as converted), or a copy of the nearest (``replicate``)
+#: or mirrored (``reflect``) input pixels, which makes a uniform region look the same at the border
+PADDING_MODES = ("zeros", "replicate", "reflect")
+
+
+def _pad(x: torch.Tensor, pad: tuple[int, int, int, int], mode: str) -> torch.Tensor:
+    if mode == "zeros":
+        return F.pad(x, pad)
+    if mode == "reflect" and (max(pad[:2]) >= x.shape[-1] or max(pad[2:]) >= x.shape[-2]):
+        raise ValueError(f"reflect padding by {pad} (left, right, top, bottom) needs an input larger than the "
+                         f"padding, got {x.shape[-2]}x{x.shape[-1]}; use padding_mode='replicate'")
+    return F.pad(x, pad, mode=mode)
+
+
 class BcosConv2d(nn.Conv2d, DetachableModule):
-    """2D B-cos convolution (any groups, stride, zero padding, dilation).
+    """2D B-cos convolution (any groups, stride, padding, dilation).
 
     ``same_padding=True`` pads dynamically like TensorFlow's 'SAME' (timm's ``Conv2dSame``).
+    ``padding_mode`` (:data:`PADDING_MODES`): ``"zeros"`` as the converted conv; ``"replicate"``/``"reflect"``
+    pad with input pixels instead, a linear map of the input (so the layer stays dynamic linear and
+    contributions of padded taps belong to the pixels they copy) that changes the function at the border.
     ``normalize_weights=True`` uses unit-norm weight rows (B-cos v2); default keeps ``w`` as is.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = False, *, b: float = 2.0, normalize_weights: bool = False,
-                 same_padding: bool = False, eps: float = DEFAULT_EPS, device=None, dtype=None) -> None:
+                 same_padding: bool = False, padding_mode: str = "zeros", eps: float = DEFAULT_EPS, device=None,
+                 dtype=None) -> None:
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode="zeros", device=device, dtype=dtype)
+                         padding_mode=padding_mode, device=device, dtype=dtype)
         if isinstance(self.padding, str):
             raise ValueError("BcosConv2d needs explicit integer padding (or same_padding=True)")
         self.b = _check_b(b)
@@ -239,11 +259,15 @@ class BcosConv2d(nn.Conv2d, DetachableModule):
         return self.weight / self.weight.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode, padding = self.padding_mode, self.padding
         if self.same_padding:
-            x = _pad_same(x, self.kernel_size, self.stride, self.dilation)
-        out = F.conv2d(x, self.effective_weight(), None, self.stride, self.padding, self.dilation, self.groups)
+            x = _pad_same(x, self.kernel_size, self.stride, self.dilation, mode)
+        elif mode != "zeros" and any(padding):
+            x = _pad(x, self._reversed_padding_repeated_twice, mode)
+            padding = (0, 0)
+        out = F.conv2d(x, self.effective_weight(), None, self.stride, padding, self.dilation, self.groups)
         if self.b != 1:
-            sq = conv_patch_sq_norms(x, self.kernel_size, self.stride, self.padding, self.dilation, self.groups)
+            sq = conv_patch_sq_norms(x, self.kernel_size, self.stride, padding, self.dilation, self.groups)
             out = bcos_scale(out, sq, self.b, self.eps, self.explanation_mode, self.groups)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
@@ -255,7 +279,7 @@ class BcosConv2d(nn.Conv2d, DetachableModule):
             extra += ", normalize_weights=True"
         if self.same_padding:
             extra += ", same_padding=True"
-        return super().extra_repr() + extra
+        return super().extra_repr() + extra  # nn.Conv2d's names padding_mode when it is not zeros
 
 
 def _explicit_padding(padding: str, kernel_size, dilation) -> tuple[int, int]:

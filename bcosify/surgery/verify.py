@@ -43,7 +43,8 @@ def _verify(prepared: nn.Module, config: BcosConfig, size: int, convert, x: torc
     reference = copy_module(prepared).double().eval()
     # the surgery alone: the options that change the function on purpose are off
     exact = convert(copy_module(reference), config.replace(b=1.0, keep_bias=True, logit_bias=0.0,
-                                                           normalize_weights=False, maxpool_to_avgpool=False)).eval()
+                                                           normalize_weights=False, maxpool_to_avgpool=False,
+                                                           padding_mode="zeros")).eval()
     with torch.no_grad():
         equivalence = _relative_error(exact(x), reference(normalize(x, config.mean, config.std)))
     failures = []
