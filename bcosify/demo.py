@@ -21,6 +21,8 @@ from .training.run import run_finetune
 from .utils import atomic_write
 from .weights import build_model
 
+#: the demo's localisation check: GridPG 2x2 on this many grids of confidently classified test images
+DEMO_GRIDS, DEMO_GRID_IMAGES, BORDER_PX, CORNER_PX = 20, 500, 2, 4
 DEFAULT_CACHE = pathlib.Path(os.environ.get("BCOSIFY_CACHE", pathlib.Path.home() / ".cache" / "bcosify"))
 
 
@@ -87,6 +89,8 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     """Run the demo; write the explanation grid, the exported model and ``summary.json`` to ``out``."""
     import bcosify
     from bcosify.explanation import viz
+    from bcosify.explanation.faithfulness import border_share, top_left_share
+    from bcosify.explanation.gridpg import run_gridpg
 
     start = time.perf_counter()
     out = pathlib.Path(out)
@@ -111,13 +115,24 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     explanation = bcosify.explain(bmodel.double(), x.double())  # float64: completeness to rounding error
     bmodel.float()
     completeness = explanation.completeness_error.max().item()
+    border = border_share(explanation.contributions, BORDER_PX).mean().item()
+    corner = top_left_share(explanation.contributions, CORNER_PX).mean().item()
+    gx, gy = next(iter(DataLoader(test_set, batch_size=DEMO_GRID_IMAGES)))
+    try:
+        gridpg = {key: result.scores.mean().item() for key, result in
+                  run_gridpg(gx, gy, 2, bcos_model=bmodel.eval(), original=original, methods=["bcos", "ixg"],
+                             num_grids=DEMO_GRIDS, per_class=10, mean=mean, std=std).items()}
+    except ValueError as error:  # too few classes classified correctly (a very short run) to fill a grid
+        gridpg = {"bcos": None, "ixg": None, "skipped": str(error)}
     classes = list(classes)
     shown = explanation[:8]
     pictures = [viz.save_explanation_grid(out / "explanations.png", x[:8], shown, class_names=classes,
                                           labels=[f"true {classes[int(t)]}" for t in y[:8]])]
 
     summary = {"original_accuracy": original_accuracy, "bcosified_accuracy": bcosified_accuracy,
-               "completeness_error_max": completeness, "epochs": len(history.epochs),
+               "completeness_error_max": completeness, "border_share": border,
+               "top_left_share": corner,
+               "gridpg_2x2": {**gridpg, "grids": DEMO_GRIDS}, "epochs": len(history.epochs),
                "seconds": time.perf_counter() - start, "recipe": spec.name, "history": history.epochs,
                "pictures": [str(p) for p in pictures]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -126,6 +141,15 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     print(f"{'original ' + spec.model:28s} {original_accuracy:>14.2%}")
     print(f"{'B-cosified (b=' + format(bmodel.b, 'g') + ')':28s} {bcosified_accuracy:>14.2%}")
     print(f"completeness error (max over 64 test images, float64): {completeness:.1e}")
+    size = x.shape[-1] * x.shape[-2]
+    print(f"share of positive contribution (mean over 64 test images): outer {BORDER_PX} px {border:.1%} "
+          f"(of the area: {1 - (x.shape[-2] - 2 * BORDER_PX) * (x.shape[-1] - 2 * BORDER_PX) / size:.1%}), "
+          f"top-left {CORNER_PX}x{CORNER_PX} px {corner:.1%} (of the area: {CORNER_PX ** 2 / size:.1%})")
+    if gridpg["bcos"] is None:
+        print(f"GridPG 2x2 skipped: {gridpg['skipped']}")
+    else:
+        print(f"GridPG 2x2 ({DEMO_GRIDS} grids, higher is better): B-cosified {gridpg['bcos']:.3f}, "
+              f"input x gradient on the original {gridpg['ixg']:.3f}")
     print(f"fine-tuning epochs: {len(history.epochs)}; total time {summary['seconds']:.0f} s; outputs in {out}/")
     return summary
 

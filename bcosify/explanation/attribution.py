@@ -223,7 +223,8 @@ class LRPAttribution:
     """Layer-wise relevance propagation of the original model with zennit's ``EpsilonPlusFlat`` composite
     (flat rule on the first layer, z+ on the other convolutions, epsilon on linear layers; BatchNorm merged into
     the convolution before it), taking images in [0, 1] (see :func:`posthoc_attribution`). The relevance
-    propagated down starts as the target logit, so where the rules conserve it the relevance sums to the logit."""
+    starts as 1 on the target logit (zennit's convention), so where the rules conserve it the relevance sums to
+    1 whatever the logit's sign."""
 
     method = LRP_METHOD
 
@@ -249,7 +250,7 @@ class LRPAttribution:
             if target is None:
                 target = logits.argmax(1)
             target = torch.as_tensor(target, device=logits.device).long().expand(len(normalized))
-            start = torch.zeros_like(logits).scatter_(1, target[:, None], logits.gather(1, target[:, None]))
+            start = torch.zeros_like(logits).scatter_(1, target[:, None], 1.0)
             composite = EpsilonPlusFlat(canonizers=[SequentialMergeBatchNorm()])
             with Gradient(model, composite) as attributor:
                 _, relevance = attributor(normalized.requires_grad_(True), start)

@@ -1,6 +1,6 @@
 """Faithfulness metrics that no maintained library computes in the form the benchmarks need.
 
-- :func:`border_share`: the share of positive attribution in the outer pixels of an image (the "border signal"
+- :func:`border_share` / :func:`top_left_share`: the share of positive attribution in the outer pixels of an image (the "border signal"
   a bias-free network can build from the zero-padded border of the ``[x, 1 - x]`` encoding).
 - :func:`perturbation_curves` / :func:`curve_auc`: deletion (remove the most important pixels first) and
   insertion (add them first to a blank image) curves of the target class probability, batched. The deletion
@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["border_share", "curve_auc", "perturbation_curves"]
+__all__ = ["border_share", "curve_auc", "perturbation_curves", "top_left_share"]
 
 CURVE_MODES = ("deletion", "insertion")
 
@@ -44,6 +44,20 @@ def border_share(attributions: torch.Tensor, width: int = 2) -> torch.Tensor:
     inner = maps[:, width:h - width, width:w - width].flatten(1).sum(1)
     return torch.where(total > 0, (total - inner) / total.clamp_min(torch.finfo(total.dtype).tiny),
                        torch.zeros_like(total))
+
+
+def top_left_share(attributions: torch.Tensor, size: int = 4) -> torch.Tensor:
+    """``(N,)`` share of the positive attribution in the top-left ``size x size`` pixels of each image.
+
+    Where the border signal collects in networks whose stride-2 layers see even-sized inputs: they read the
+    padding at the top and left only. A map spread evenly scores ``size**2 / (H W)``; 0 without positive values.
+    """
+    maps = _maps(attributions).double().clamp_min(0)
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= min(maps.shape[-2:]):
+        raise ValueError(f"size must be an int in [1, {min(maps.shape[-2:])}], got {size!r}")
+    total = maps.flatten(1).sum(1)
+    corner = maps[:, :size, :size].flatten(1).sum(1)
+    return torch.where(total > 0, corner / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(total))
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ from torch import nn
 
 import bcosify
 from bcosify.explanation.attribution import posthoc_attribution
-from bcosify.explanation.faithfulness import border_share, curve_auc, perturbation_curves
+from bcosify.explanation.faithfulness import border_share, curve_auc, perturbation_curves, top_left_share
 from bcosify.explanation.gridpg import run_gridpg
 from bcosify.nn import BcosConv2d
 
@@ -44,6 +44,12 @@ def test_border_share_of_known_maps():
         border_share(maps, width=4)
     with pytest.raises(ValueError, match="width"):
         border_share(maps, width=0)
+    corner = top_left_share(maps, size=2)
+    assert corner[0] == 0.0 and corner[2] == 0.0 and corner[1].item() == pytest.approx(4 / 64)
+    maps[0, 1, 1] = 6.0
+    assert top_left_share(maps, size=2)[0].item() == pytest.approx(6 / 8)
+    with pytest.raises(ValueError, match="size"):
+        top_left_share(maps, size=9)
 
 
 # --------------------------------------------------------------------------- deletion / insertion
@@ -102,19 +108,21 @@ def test_deletion_of_the_evidence_ranks_a_faithful_map_first():
 # --------------------------------------------------------------------------- LRP (zennit)
 
 
-def test_lrp_conserves_the_target_logit_of_a_linear_model():
+def test_lrp_conserves_the_unit_relevance_of_the_target():
     pytest.importorskip("zennit")
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 3, bias=False)).eval()
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(256, 3, bias=False)).eval()
     x = torch.rand(2, 1, 8, 8)
     lrp = posthoc_attribution(model, "lrp", mean=[0.5], std=[0.25])
     relevance = lrp.attribute(x, target=torch.tensor([2, 0]))
     assert relevance.shape == x.shape
+    # bias-free layers and exact rules (flat, epsilon with a tiny epsilon) conserve the unit start relevance
+    torch.testing.assert_close(relevance.sum((1, 2, 3)), torch.ones(2), rtol=1e-3, atol=1e-3)
+    assert not torch.allclose(lrp.attribute(x, target=0), lrp.attribute(x, target=2))
     with torch.no_grad():
-        logits = model((x - 0.5) / 0.25)
-    torch.testing.assert_close(relevance.sum((1, 2, 3)), logits[range(2), [2, 0]], rtol=1e-4, atol=1e-4)
-    default = lrp.attribute(x)  # the predicted class
-    torch.testing.assert_close(default.sum((1, 2, 3)), logits.max(1).values, rtol=1e-4, atol=1e-4)
+        predicted = model((x - 0.5) / 0.25).argmax(1)
+    torch.testing.assert_close(lrp.attribute(x), lrp.attribute(x, target=predicted))  # None: the predicted class
 
 
 def test_run_gridpg_takes_lrp_and_several_images_per_class():
