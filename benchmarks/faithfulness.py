@@ -11,6 +11,7 @@ original model, ``ixg`` (input x gradient), ``ig`` (integrated gradients), ``gra
     python benchmarks/faithfulness.py --demo /tmp/demo --cache-dir /tmp/cache            # the metrics
     python benchmarks/faithfulness.py --demo /tmp/demo --cache-dir /tmp/cache --only cost  # timing: idle cores!
     python benchmarks/faithfulness.py --border zeros=/tmp/demo replicate=/tmp/demo-rep --cache-dir /tmp/cache
+    python benchmarks/faithfulness.py --layer-origin /tmp/demo --cache-dir /tmp/cache  # where the border signal enters
     python benchmarks/faithfulness.py --table benchmarks/results/faithfulness.json         # markdown table
 
 Results go to ``benchmarks/results/faithfulness.json`` (``faithfulness_cost.json``, ``border.json``) and the
@@ -67,11 +68,14 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--picture", type=pathlib.Path, help="picture path (default docs/faithfulness_methods.png)")
     p.add_argument("--border", nargs="+", metavar="NAME=DEMO_DIR",
                    help="border signal of several demo outputs (e.g. zeros=... replicate=...)")
+    p.add_argument("--layer-origin", type=pathlib.Path, metavar="DEMO_DIR",
+                   help="per-layer origin of the border signal of a zero-padded demo model")
     p.add_argument("--table", type=pathlib.Path, help="print the markdown table of a result JSON and exit")
     p.add_argument("--merge", type=pathlib.Path, nargs="+", metavar="JSON",
                    help="merge the method rows of result JSONs (runs split over processes) into --out and exit")
     args = p.parse_args(argv)
-    if args.table is None and args.merge is None and (args.cache_dir is None or (args.demo is None and not args.border)):
+    if args.table is None and args.merge is None and (args.cache_dir is None or (
+            args.demo is None and not args.border and args.layer_origin is None)):
         p.error("give --demo (or --border) and --cache-dir, or --table")
     return args
 
@@ -318,6 +322,35 @@ def border_report(variants: list[str], cache_dir: pathlib.Path, recipe: str, ima
     return out
 
 
+def layer_origin(folder: pathlib.Path, cache_dir: pathlib.Path, recipe: str, images: int) -> dict[str, Any]:
+    """Where the border signal enters: switch one convolution at a time of a trained (zero-padded) model to
+    replicate padding, without retraining, and measure accuracy and the top-left share of the contributions."""
+    from bcosify.explanation.faithfulness import top_left_share
+    from bcosify.nn import BcosConv2d
+
+    bmodel, _, test_set, _ = load_models(folder, cache_dir, recipe)
+    bmodel = bmodel.double()
+    x, y = next(iter(DataLoader(test_set, batch_size=images)))
+    x = x.double()
+
+    def measure() -> dict[str, float]:
+        e = bcosify.explain(bmodel, x, target=y)
+        return {"accuracy": (e.logits.argmax(1) == y).double().mean().item(),
+                "top_left_share": top_left_share(e.contributions, CORNER_PX).mean().item(),
+                "border_share": border_share(e.contributions, BORDER_PX).mean().item()}
+
+    out = {"command": " ".join(["python", *sys.argv]), "images": images, "as trained": measure(), "layers": {}}
+    for name, conv in bmodel.network.named_modules():
+        if isinstance(conv, BcosConv2d) and any(conv.padding) and conv.padding_mode == "zeros":
+            conv.padding_mode = "replicate"
+            out["layers"][f"{name} (stride {conv.stride[0]})"] = measure()
+            conv.padding_mode = "zeros"
+    for name, row in [("as trained", out["as trained"]), *out["layers"].items()]:
+        print(f"{name:28s} accuracy {row['accuracy']:.3f} top-left {row['top_left_share']:.3f} "
+              f"border {row['border_share']:.3f}", flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------- table
 
 
@@ -353,6 +386,10 @@ def main(argv=None) -> int:
         print(table(merged))
         return 0
     torch.manual_seed(0)
+    if args.layer_origin is not None:
+        result = layer_origin(args.layer_origin, args.cache_dir, args.recipe, images=200)
+        (RESULTS / "border_layers.json").write_text(json.dumps(result, indent=2) + "\n")
+        return 0
     if args.border:
         result = border_report(args.border, args.cache_dir, args.recipe, images=500)
         (RESULTS / "border.json").write_text(json.dumps(result, indent=2) + "\n")
