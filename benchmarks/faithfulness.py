@@ -318,6 +318,19 @@ def border_report(variants: list[str], cache_dir: pathlib.Path, recipe: str, ima
               f"{out['variants'][name]['strongest_pixel_in_top_left_corner']:.0%} of the images", flush=True)
         columns[name] = e.contributions[:8].float()
         shown = (x[:8], y[:8], classes)
+        if "original (input x gradient)" not in out:  # the same measures for the original model's post-hoc map
+            _, original, _, _ = load_models(folder, cache_dir, recipe)
+            a = posthoc_attribution(original, "ixg", mean=bmodel.config.mean, std=bmodel.config.std).attribute(
+                x.float(), y).sum(1).double()
+            pos = a.clamp_min(0)
+            top = pos[:, :CORNER_PX, :CORNER_PX].flatten(1).sum(1) / pos.flatten(1).sum(1).clamp_min(1e-300)
+            idx = a.flatten(1).argmax(1)
+            out["original (input x gradient)"] = {
+                "top_left_corner_share_mean": top.mean().item(),
+                "strongest_pixel_in_top_left_corner": ((idx // a.shape[2] < CORNER_PX)
+                                                       & (idx % a.shape[2] < CORNER_PX)).double().mean().item(),
+                "border_share_mean": border_share(a, BORDER_PX).mean().item()}
+            print(f"original, input x gradient: {out['original (input x gradient)']}", flush=True)
     picture(DOCS / "border_before_after.png", shown[0], shown[1], columns, shown[2])
     return out
 
@@ -362,7 +375,8 @@ def table(results: dict[str, Any]) -> str:
     rows = ["| method | model | " + " | ".join(t for _, t in columns) + " |",
             "|---|---|" + "---|" * len(columns)]
     for name, row in results["methods"].items():
-        cells = [f"{row[k]['mean']:.3f}" if k in row else "–" for k, _ in columns]
+        cells = [(f"{row[k]['mean']:.3f}" + (f" ({row[k]['grids']} grids)" if row[k].get("grids", 100) != 100 else ""))
+                 if k in row else "–" for k, _ in columns]
         model = "B-cosified (fine-tuned)" if name == "bcos" else "original"
         rows.append(f"| {method_name(name)} | {model} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -381,6 +395,8 @@ def main(argv=None) -> int:
             for name, values in part.pop("methods").items():
                 rows.setdefault(name, {}).update(values)
             merged.setdefault("commands", []).append(part.pop("command"))
+            if not pathlib.Path(part.get("picture", "/")).is_absolute():
+                merged["picture"] = part["picture"]  # the one in the repository
             merged.update({k: v for k, v in part.items() if k not in merged})
         (args.out or RESULTS / "faithfulness.json").write_text(json.dumps(merged, indent=2) + "\n")
         print(table(merged))
