@@ -4,6 +4,7 @@ from .act import GatedActivation, gated, gelu_gate, gelu_tanh_gate, hardswish_ga
 from .attention import GatePath, SelfAttention, SplitQKV
 from .base import DetachableModule, set_explanation_mode
 from .bcos import BcosConv2d, BcosLinear, bcos_scale, conv_patch_sq_norms
+from .dau import DauConv2d, DauLinear
 from .encoding import InputEncoder, check_images, fold_input_normalization, resolve_normalization
 from .gate import DetachedGate, ExplanationDetach
 from .head import ClassifierBeforePooling, LogitBias, MeanPatchTokens
@@ -11,7 +12,7 @@ from .norm import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm
                    UncenteredBatchNorm2d, sync_batchnorm)
 
 __all__ = [
-    "BcosConv2d", "BcosLinear", "ClassifierBeforePooling", "DetachableGroupNorm", "DetachableLayerNorm",
+    "BcosConv2d", "BcosLinear", "ClassifierBeforePooling", "DauConv2d", "DauLinear", "DetachableGroupNorm", "DetachableLayerNorm",
     "DetachableLayerNorm2d", "DetachableModule", "DetachedGate", "ExplanationDetach", "GatePath", "GatedActivation", "InputEncoder",
     "LogitBias", "MeanPatchTokens", "SelfAttention", "SplitQKV", "SyncUncenteredBatchNorm2d",
     "UncenteredBatchNorm2d",

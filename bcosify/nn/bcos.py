@@ -236,13 +236,7 @@ class BcosConv2d(nn.Conv2d, DetachableModule):
     def from_module(cls, conv: nn.Conv2d, b: float = 2.0, normalize_weights: bool = False, *,
                     keep_bias: bool = False, same_padding: bool = False) -> "BcosConv2d":
         """A B-cos conv with the weights (and, with ``keep_bias``, the bias) of ``conv``."""
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"only zero padding can be converted exactly, got padding_mode={conv.padding_mode!r}")
-        padding = conv.padding
-        if isinstance(padding, str):
-            padding = _explicit_padding(padding, conv.kernel_size, conv.dilation)
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation,
-                  conv.groups, bias=keep_bias and conv.bias is not None, b=b,
+        new = cls(*conv_geometry(conv), bias=keep_bias and conv.bias is not None, b=b,
                   normalize_weights=normalize_weights, same_padding=same_padding,
                   device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
@@ -280,6 +274,17 @@ class BcosConv2d(nn.Conv2d, DetachableModule):
         if self.same_padding:
             extra += ", same_padding=True"
         return super().extra_repr() + extra  # nn.Conv2d's names padding_mode when it is not zeros
+
+
+def conv_geometry(conv: nn.Conv2d) -> tuple:
+    """``(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)`` of ``conv`` with integer
+    padding; a ``ValueError`` unless it zero-pads (the only padding an alignment layer computes exactly)."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"only zero padding can be converted exactly, got padding_mode={conv.padding_mode!r}")
+    padding = conv.padding
+    if isinstance(padding, str):
+        padding = _explicit_padding(padding, conv.kernel_size, conv.dilation)
+    return conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding, conv.dilation, conv.groups
 
 
 def _explicit_padding(padding: str, kernel_size, dilation) -> tuple[int, int]:
