@@ -8,6 +8,7 @@ import pathlib
 import sys
 from typing import Callable, Sequence
 
+from .config import SQUASHES, UNITS
 from .errors import BcosifyError
 
 
@@ -39,8 +40,14 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
                    help="checkpoint file (.safetensors/.pth), 'hub' for the pretrained weights, 'none' for random")
     p.add_argument("--key-map", choices=["positional"], help="match checkpoint tensors to the model by order")
     p.add_argument("--num-classes", type=int, help="replace the classifier with one of this many classes")
-    p.add_argument("--b", type=float, default=2.0, help="alignment exponent (default 2)")
-    p.add_argument("--keep-bias", action="store_true", help="keep biases (with --b 1: the original function)")
+    p.add_argument("--unit", choices=list(UNITS), default="bcos",
+                   help="alignment layers: B-cos (default) or Dynamic Alignment Units (CoDA-Nets)")
+    p.add_argument("--b", type=float, default=2.0, help="alignment exponent of B-cos layers (default 2)")
+    p.add_argument("--rank", type=int, help="DAU layers: rank of the dynamic part (default 32)")
+    p.add_argument("--squash", choices=list(SQUASHES), help="DAU layers: squashing function (default squash)")
+    p.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (default 1)")
+    p.add_argument("--keep-bias", action="store_true", help="keep biases (with --b 1, or DAU layers: the original "
+                                                           "function)")
     p.add_argument("--mean", type=float, nargs="+", help="input normalization mean (default: model metadata)")
     p.add_argument("--std", type=float, nargs="+", help="input normalization std (default: model metadata)")
     p.add_argument("--normalize-weights", action="store_true", help="unit-norm weight rows (B-cos v2)")
@@ -82,7 +89,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     weights = None if args.weights.lower() == "none" else args.weights
     images = _calibration_images(args, args.size, int(args.model_kwargs.get("in_chans", 3)))
     bmodel = bcosify.convert(args.spec, weights=weights, key_map=args.key_map, model_kwargs=args.model_kwargs,
-                             num_classes=args.num_classes, b=args.b, keep_bias=args.keep_bias, mean=args.mean,
+                             num_classes=args.num_classes, unit=args.unit, b=args.b, rank=args.rank,
+                             squash=args.squash, temperature=args.temperature, keep_bias=args.keep_bias, mean=args.mean,
                              std=args.std, normalize_weights=args.normalize_weights,
                              maxpool_to_avgpool=args.maxpool_to_avgpool, gap_reorder=args.gap_reorder,
                              token_pool=args.token_pool, calibrate=images)

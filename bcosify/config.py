@@ -11,6 +11,12 @@ from typing import Any, Sequence
 TOKEN_POOLS = (None, "mean")
 PADDING_MODES = ("zeros", "replicate", "reflect")  # as bcosify.nn.bcos.PADDING_MODES
 PADDING_LAYERS = ("first", "all")
+#: the alignment units a model can be converted to: B-cos layers, or Dynamic Alignment Units (CoDA-Nets)
+UNITS = ("bcos", "dau")
+DEFAULT_B = 2.0
+#: the squashing functions of DAU layers, and their default rank
+SQUASHES = ("squash", "l2")
+DEFAULT_RANK = 32
 #: fields filled in by :func:`bcosify.convert` (a user may leave them unset)
 RESOLVED_FIELDS = ("mean", "std", "logit_bias", "num_classes", "in_chans", "spec", "model_kwargs", "model_class",
                    "normalization_from")
@@ -55,10 +61,19 @@ class BcosConfig(Options):
     After conversion ``bmodel.config`` holds the resolved config: ``load`` rebuilds a model from it alone.
 
     Attributes:
-        b: alignment exponent of every B-cos layer (1 = the plain layer).
+        unit: the alignment layer every convolution and linear layer on the value path becomes: ``"bcos"``
+            (B-cos layers) or ``"dau"`` (Dynamic Alignment Units of CoDA-Nets, initialised to compute the
+            original layer).
+        b: alignment exponent of every B-cos layer (1 = the plain layer); B-cos only.
         keep_bias: keep biases on the value path (and fold BatchNorm centring into them);
             with ``b=1`` the converted model computes the original function.
-        normalize_weights: unit-norm weight rows (B-cos v2) instead of the pretrained ``w``.
+        normalize_weights: unit-norm weight rows (B-cos v2) instead of the pretrained ``w``; B-cos only.
+        rank: rank of the dynamic part of every DAU layer (capped at each layer's patch size); DAU only,
+            default 32.
+        squash: the DAU squashing, ``"squash"`` (``u ||u|| / (1 + ||u||^2)``) or ``"l2"`` (``u / ||u||``); DAU only,
+            default ``"squash"``.
+        temperature: every logit is divided by it (before the logit bias is added); CoDA-Nets train with large
+            values, e.g. 1000.
         mean, std: per-channel input normalization of the original model, folded into the first layer
             (default: from the model's metadata).
         num_classes: number of output classes; a value other than the model's replaces its classifier with a
@@ -89,9 +104,13 @@ class BcosConfig(Options):
         normalization_from: where ``mean``/``std`` came from (resolved).
     """
 
-    b: float = 2.0
+    unit: str = "bcos"
+    b: float = DEFAULT_B
     keep_bias: bool = False
     normalize_weights: bool = False
+    rank: int | None = None
+    squash: str | None = None
+    temperature: float = 1.0
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     num_classes: int | None = None
@@ -115,6 +134,10 @@ class BcosConfig(Options):
         self.b = float(self.b)
         if not math.isfinite(self.b) or self.b < 1:
             raise ValueError(f"b must be a finite number >= 1, got {self.b}")
+        self._check_unit()
+        self.temperature = float(self.temperature)
+        if not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if value is not None:
@@ -140,6 +163,40 @@ class BcosConfig(Options):
             if self.num_classes is not None and len(self.class_names) != self.num_classes:
                 raise ValueError(f"{len(self.class_names)} class names for {self.num_classes} classes")
         self.model_kwargs = dict(self.model_kwargs or {})
+
+    def _check_unit(self) -> None:
+        """Check ``unit`` and that only its own options are set; resolve the DAU defaults."""
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {UNITS}, got {self.unit!r}")
+        if self.unit == "bcos":
+            given = [name for name in ("rank", "squash") if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to unit='dau' "
+                                 "only (B-cos layers have no dynamic low-rank part)")
+            return
+        given = ([f"b={self.b:g}"] if self.b != DEFAULT_B else []) + \
+            (["normalize_weights=True"] if self.normalize_weights else []) + \
+            ([f"padding_mode={self.padding_mode!r}"] if self.padding_mode != "zeros" else [])
+        if given:
+            raise ValueError(f"{' and '.join(given)}: {'B-cos options' if len(given) > 1 else 'a B-cos option'} that "
+                             "unit='dau' does not have (DAU layers have no alignment exponent and keep the pretrained "
+                             "weights as their static part)")
+        self.rank = check_rank(DEFAULT_RANK if self.rank is None else self.rank)
+        self.squash = check_squash("squash" if self.squash is None else self.squash)
+
+
+def check_rank(rank) -> int:
+    """``rank`` as an int, or a ``ValueError`` unless it is an integer >= 1."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or int(rank) != rank or rank < 1:
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    return int(rank)
+
+
+def check_squash(squash) -> str:
+    """``squash``, or a ``ValueError`` unless it names a squashing function."""
+    if squash not in SQUASHES:
+        raise ValueError(f"squash must be one of {SQUASHES}, got {squash!r}")
+    return squash
 
 
 def _float_tuple(name: str, value: Sequence[float] | float) -> tuple[float, ...]:

@@ -35,7 +35,7 @@ class BcosModel(nn.Module):
             raise ValueError(f"BcosModel needs a resolved config (from bcosify.convert); unset: {missing}")
         self.encoder = InputEncoder()
         self.network = network
-        self.bias = LogitBias(config.logit_bias)
+        self.bias = LogitBias(config.logit_bias, config.temperature)
         self.config = config
         self.report = report
 
@@ -82,8 +82,16 @@ class BcosModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_encoded(self.encode(x))
 
+    @property
+    def unit(self) -> str:
+        """The alignment unit of the model's layers: ``"bcos"`` or ``"dau"``."""
+        return self.config.unit
+
     def set_b(self, value: float) -> None:
-        """Set the alignment exponent of every B-cos layer."""
+        """Set the alignment exponent of every B-cos layer (a DAU model has none: only its default is accepted)."""
+        if self.unit != "bcos" and float(value) != self.config.b:
+            raise ValueError(f"b is the exponent of B-cos layers; this model's layers are unit={self.unit!r} "
+                             f"(got b={value:g})")
         self.config.b = BcosConfig(b=value).b
         for module in self.modules():
             if isinstance(module, (BcosConv2d, BcosLinear)):

@@ -42,6 +42,16 @@ def test_convert_then_info(converted):
     assert bcosify.load(converted).num_classes == 3
 
 
+def test_convert_to_dau_layers(tmp_path):
+    out = tmp_path / "r18-dau"
+    run("convert", "timm:resnet18", "--weights", "none", "--num-classes", "3", "--unit", "dau", "--rank", "2",
+        "--squash", "l2", "--temperature", "10", "--out", str(out))
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert (config["unit"], config["rank"], config["squash"], config["temperature"]) == ("dau", 2, "l2", 10.0)
+    bmodel = bcosify.load(out)
+    assert type(bmodel.network.fc).__name__ == "DauLinear" and bmodel.network.fc.rank == 2
+
+
 def test_convert_real_checkpoint_with_positional_key_map(tmp_path):
     out = tmp_path / "lite0"
     run("convert", "timm:efficientnet_lite0", "--weights", str(efficientnet_lite0_checkpoint_path()),
@@ -63,6 +73,10 @@ def test_export_onnx_from_cli(converted, tmp_path):
     (("convert", "timm:resnet18", "--weights", "/no/such.pth", "--out", "/tmp/x"), "checkpoint file not found"),
     (("convert", "timm:resnet18", "--weights", "none", "--b", "0.5", "--out", "/tmp/x"), "b must be"),
     (("export", "/no/such/folder", "--onnx", "/tmp/x.onnx"), "no saved model folder"),
+    (("convert", "timm:resnet18", "--weights", "none", "--rank", "4", "--out", "/tmp/x"),
+     "rank applies to unit='dau' only"),
+    (("convert", "timm:resnet18", "--weights", "none", "--unit", "dau", "--rank", "0", "--out", "/tmp/x"),
+     "rank must be an integer >= 1"),
 ])
 def test_bad_input_gives_one_line_error_and_nonzero_exit(args, message):
     result = run(*args, check=False)

@@ -114,3 +114,77 @@ def test_list_supported_filters_like_timm_list_models():
     assert {f.spec for f in bcosify.list_supported("vit*")} >= {"timm:vit_tiny_patch16_224",
                                                                "torchvision:vit_b_16"}
     assert bcosify.list_supported("no-such-family") == []
+
+
+def test_dau_options_resolve_and_round_trip():
+    config = BcosConfig(unit="dau")
+    assert (config.rank, config.squash, config.temperature) == (32, "squash", 1.0)
+    config = BcosConfig(unit="dau", rank=4.0, squash="l2", temperature=1000)
+    assert config.rank == 4 and isinstance(config.rank, int) and config.temperature == 1000.0
+    assert BcosConfig.from_dict(config.to_dict()) == config
+    assert BcosConfig().rank is None and BcosConfig().squash is None
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"unit": "coda"}, r"unit must be one of \('bcos', 'dau'\), got 'coda'"),
+    ({"unit": "dau", "rank": 0}, "rank must be an integer >= 1, got 0"),
+    ({"unit": "dau", "rank": 2.5}, "rank must be an integer >= 1, got 2.5"),
+    ({"unit": "dau", "rank": True}, "rank must be an integer >= 1, got True"),
+    ({"unit": "dau", "squash": "tanh"}, r"squash must be one of \('squash', 'l2'\), got 'tanh'"),
+    ({"temperature": 0}, "temperature must be a finite number > 0, got 0.0"),
+    ({"unit": "dau", "temperature": -1}, "temperature must be a finite number > 0, got -1.0"),
+    ({"temperature": float("nan")}, "temperature must be a finite number > 0"),
+    ({"unit": "dau", "b": 1}, "b=1: a B-cos option that unit='dau' does not have"),
+    ({"unit": "dau", "normalize_weights": True}, "normalize_weights=True: a B-cos option that unit='dau'"),
+    ({"unit": "dau", "b": 3, "normalize_weights": True}, "b=3 and normalize_weights=True: B-cos options that"),
+    ({"rank": 8}, "rank applies to unit='dau' only"),
+    ({"squash": "l2"}, "squash applies to unit='dau' only"),
+    ({"rank": 8, "squash": "l2"}, "rank and squash apply to unit='dau' only"),
+])
+def test_bad_unit_options_raise(options, message):
+    with pytest.raises(ValueError, match=message):
+        BcosConfig(**options)
+    with pytest.raises(ValueError, match=message):  # and through convert, before any work
+        bcosify.convert(_resnet(), **options)
+
+
+def test_dau_model_and_temperature():
+    """A DAU conversion: its layers, its temperature (explained: contributions add up to logit / T), no exponent."""
+    from bcosify.nn import BcosConv2d, DauConv2d, DauLinear
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=5).double().eval()
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    plain = bcosify.convert(model, unit="dau", rank=2, keep_bias=True).eval()
+    hot = bcosify.convert(model, unit="dau", rank=2, keep_bias=True, temperature=8).eval()
+    assert plain.unit == "dau" and hot.config.temperature == 8.0
+    assert not any(isinstance(m, BcosConv2d) for m in hot.modules())
+    assert isinstance(hot.network.conv1, DauConv2d) and isinstance(hot.network.fc, DauLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(hot(x), plain(x) / 8, rtol=1e-12, atol=0)
+    hot = bcosify.convert(model, unit="dau", rank=2, temperature=8)  # no biases
+    with torch.no_grad():
+        for m in hot.modules():
+            if isinstance(m, (DauConv2d, DauLinear)):
+                m.weight_b.normal_(std=1e-2)
+    e = bcosify.explain(hot, x)
+    with torch.no_grad():
+        raw = hot.network(hot.encode(x)).gather(1, e.target[:, None])[:, 0]
+    torch.testing.assert_close(e.explained_logit, raw / 8, rtol=1e-12, atol=0)
+    torch.testing.assert_close(e.logits.gather(1, e.target[:, None])[:, 0], raw / 8 + hot.logit_bias, rtol=1e-12,
+                               atol=0)
+    assert e.completeness_error.max().item() < 1e-10
+    hot.set_b(2.0)  # (the fine-tuning loop sets the default every step)
+    with pytest.raises(ValueError, match="b is the exponent of B-cos layers; this model's layers are unit='dau'"):
+        hot.set_b(1.5)
+
+
+def test_conversion_of_a_dau_model_is_reproducible_and_verified():
+    model = _resnet()
+    a = bcosify.convert(model, unit="dau", rank=2, verify=True)
+    b = bcosify.convert(model, unit="dau", rank=2)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    note = a.report.entries[-1].note
+    assert "DAU at init" in note and "FAILED" not in note
+    layers = [m for m in a.modules() if hasattr(m, "weight_a")]
+    assert not torch.equal(layers[1].weight_a, layers[2].weight_a), "each layer needs its own projection"

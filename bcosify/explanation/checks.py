@@ -18,12 +18,14 @@ def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def equivalence_error(original: nn.Module, x: torch.Tensor, **convert_options) -> float:
-    """Relative error between ``original`` on normalized ``x`` and ``convert(original, b=1, keep_bias=True)`` on ``x``.
+    """Relative error between ``original`` on normalized ``x`` and ``convert(original, b=1, keep_bias=True)`` on ``x``
+    (with ``unit="dau"`` among ``convert_options``: the DAU model as converted, whose layers start plain).
 
     ``x`` holds images in [0, 1]; both models run in eval mode. Near 0 (about 1e-15 in float64) when the
     surgery is faithful.
     """
-    bmodel = convert(original, b=1, keep_bias=True, **convert_options).eval()
+    plain = {} if convert_options.get("unit") == "dau" else {"b": 1}
+    bmodel = convert(original, keep_bias=True, **plain, **convert_options).eval()
     with eval_mode(original):
         reference = original(normalize(x, bmodel.config.mean, bmodel.config.std))
     return _relative_error(bmodel(x), reference)

@@ -145,7 +145,8 @@ def _explain_batch(model: BcosModel, x: torch.Tensor, target) -> Explanation:
             z = model.encode(x).detach().requires_grad_(True)
             with per_sample_constants(model.network, model.constants, len(z)) as constants:
                 try:
-                    raw_logits = model.network(z)  # without the logit bias, which would swamp tiny logits' precision
+                    # without the logit bias, which would swamp tiny logits' precision (the temperature is explained)
+                    raw_logits = model.bias.scale(model.network(z))
                 except RuntimeError as error:
                     if constants and len(z) > 1:
                         raise _BatchedConstantsFailed from error
@@ -165,7 +166,7 @@ def _explain_batch(model: BcosModel, x: torch.Tensor, target) -> Explanation:
             constant = constant + (value.detach() * grad).flatten(1).sum(1)
     gap = _completeness_gap(contributions, constant, explained)
     error = gap.abs() / explained.abs().clamp_min(torch.finfo(explained.dtype).tiny)
-    logits = model.bias(raw_logits.detach())
+    logits = model.bias.shift(raw_logits.detach())
     logit_maps = captured[-1] if captured else None
     return Explanation(logits, target, explained, weights, z, contributions, constant, model.logit_bias, error,
                        logit_maps)

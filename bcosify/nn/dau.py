@@ -29,27 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..config import DEFAULT_RANK, check_rank, check_squash
 from .base import DetachableModule
 from .bcos import DEFAULT_EPS, _pad_same, conv_geometry
 
-SQUASHES = ("squash", "l2")
-DEFAULT_RANK = 32
 #: ranks contracted at once: the transient memory of a layer is about this many output-sized maps
 RANK_CHUNK = 8
-
-
-def check_rank(rank) -> int:
-    """``rank`` as an int, or a ``ValueError`` unless it is an integer >= 1."""
-    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or int(rank) != rank or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
-    return int(rank)
-
-
-def check_squash(squash) -> str:
-    """``squash``, or a ``ValueError`` unless it names a squashing function."""
-    if squash not in SQUASHES:
-        raise ValueError(f"squash must be one of {SQUASHES}, got {squash!r}")
-    return squash
 
 
 def squash_factor(sq: torch.Tensor, squash: str, eps: float) -> torch.Tensor:

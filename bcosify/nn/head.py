@@ -43,14 +43,24 @@ class MeanPatchTokens(nn.Module):
 
 
 class LogitBias(nn.Module):
-    """Add a fixed scalar to every logit (``-log(C - 1)`` for BCE training); explanations leave it out."""
+    """Divide every logit by a fixed ``temperature``, then add a fixed scalar ``value`` (``-log(C - 1)`` for BCE
+    training); explanations leave the scalar out (the temperature is part of the explained logit)."""
 
-    def __init__(self, value: float) -> None:
+    def __init__(self, value: float, temperature: float = 1.0) -> None:
         super().__init__()
         self.value = float(value)
+        self.temperature = float(temperature)
 
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+    def scale(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits / temperature``."""
+        return logits / self.temperature if self.temperature != 1 else logits
+
+    def shift(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits + value``."""
         return logits + self.value if self.value else logits
 
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.shift(self.scale(logits))
+
     def extra_repr(self) -> str:
-        return f"{self.value:.6g}"
+        return f"{self.value:.6g}" + (f", temperature={self.temperature:g}" if self.temperature != 1 else "")

@@ -42,9 +42,10 @@ def _verify(prepared: nn.Module, config: BcosConfig, size: int, convert, x: torc
 
     reference = copy_module(prepared).double().eval()
     # the surgery alone: the options that change the function on purpose are off
-    exact = convert(copy_module(reference), config.replace(b=1.0, keep_bias=True, logit_bias=0.0,
-                                                           normalize_weights=False, maxpool_to_avgpool=False,
-                                                           padding_mode="zeros")).eval()
+    plain = dict(b=1.0, normalize_weights=False) if config.unit == "bcos" else {}  # (a DAU layer starts plain)
+    exact = convert(copy_module(reference), config.replace(keep_bias=True, logit_bias=0.0, temperature=1.0,
+                                                           maxpool_to_avgpool=False, padding_mode="zeros",
+                                                           **plain)).eval()
     with torch.no_grad():
         equivalence = _relative_error(exact(x), reference(normalize(x, config.mean, config.std)))
     failures = []
@@ -61,8 +62,9 @@ def _verify(prepared: nn.Module, config: BcosConfig, size: int, convert, x: torc
                         "model is not dynamic linear")
     if failures and config.strict:
         raise ConversionError("verification failed: " + "; ".join(failures))
-    note = (f"float64, {size} px: equivalence {equivalence:.1e} (b=1, biases kept), completeness {completeness:.1e} "
-            f"(b=2)" + ("; logits underflow to 0 at b=2, completeness not informative" if degenerate else "")
+    exact_at, complete_at = ("b=1", "b=2") if config.unit == "bcos" else ("DAU at init", "DAU")
+    note = (f"float64, {size} px: equivalence {equivalence:.1e} ({exact_at}, biases kept), completeness "
+            f"{completeness:.1e} ({complete_at})" + ("; logits underflow to 0 at b=2, completeness not informative" if degenerate else "")
             + "".join(f"; FAILED: {f}" for f in failures))
     return ReportEntry("<verification>", "", VERIFIED, "", note)
 

@@ -34,13 +34,18 @@ def saved(tmp_path_factory):
     ("timm:resnet18", {"num_classes": 5}, {"b": 1.75}),
     ("torchvision:mobilenet_v3_small", {}, {"num_classes": 4, "gap_reorder": False, "maxpool_to_avgpool": True}),
     ("timm:efficientnet_b0", {"num_classes": 3}, {"gap_reorder": True, "normalize_weights": True}),
+    ("timm:resnet18", {"num_classes": 5}, {"unit": "dau", "rank": 3, "squash": "l2", "temperature": 10.0}),
+    ("timm:tf_efficientnet_b0", {"num_classes": 3}, {"unit": "dau", "rank": 2, "gap_reorder": True}),
 ])
 def test_round_trip_gives_identical_logits(tmp_path, spec, kwargs, options):
     torch.manual_seed(0)
     bmodel = bcosify.convert(spec, weights=None, model_kwargs=kwargs, **options).eval()
-    with torch.no_grad():  # change the weights away from their init so the test sees real loading
+    with torch.no_grad():  # change the weights (and DAU gains) away from their init so the test sees real loading
         for p in bmodel.parameters():
             p.add_(torch.randn_like(p) * 0.01)
+        for name, b in bmodel.named_buffers():
+            if name.endswith(".gain"):
+                b.mul_(1 + torch.rand_like(b))
     bcosify.save(bmodel, tmp_path / "m")
     loaded = bcosify.load(tmp_path / "m")
     assert isinstance(loaded, bcosify.BcosModel) and not loaded.training

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bcosify.nn import DauConv2d, DauLinear, set_explanation_mode
-from bcosify.nn.dau import check_rank, check_squash
+from bcosify.config import check_rank, check_squash
 
 DT = torch.float64
 EPS = 1e-6  # the layers' default eps

@@ -11,8 +11,12 @@ import bcosify
 from bcosify import SupportedModel as Family
 from bcosify.explanation.checks import equivalence_error
 from bcosify.weights import build_model
-from helpers import randomise_zero_weights, value_path_modules
+from helpers import randomise_dau_layers, randomise_zero_weights, value_path_modules
 
+#: the alignment units every family converts to. DAU layers with rank 1: B holds rank x the weights (VGG's
+#: classifier alone has 103M), and ranks > 1 are tested on small layers (tests/nn/test_dau.py) and networks
+#: (tests/test_coda.py, tests/test_config.py, tests/export)
+UNITS = {"bcos": {}, "dau": {"unit": "dau", "rank": 1}}
 UNCONVERTED_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, timm.layers.BatchNormAct2d)
 
 
@@ -27,19 +31,33 @@ def _images(family: Family, n: int = 2) -> torch.Tensor:
     return torch.rand(n, 3, family.size, family.size, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("unit", UNITS)
 @pytest.mark.parametrize("family", bcosify.list_supported(), ids=lambda f: f.id)
-def test_equivalence_at_b1_with_biases(family: Family):
-    error = equivalence_error(_original(family), _images(family))
+def test_equivalence_at_b1_with_biases(family: Family, unit: str):
+    """B-cos at b=1 and DAU layers as converted (static) compute the original logits."""
+    error = equivalence_error(_original(family), _images(family), **UNITS[unit])
     assert error < 1e-10  # DESIGN.md asks < 1e-5; float64 surgery is exact to rounding
 
 
+@pytest.mark.parametrize("unit", UNITS)
 @pytest.mark.parametrize("family", bcosify.list_supported(), ids=lambda f: f.id)
-def test_completeness_after_conversion(family: Family):
+def test_completeness_after_conversion(family: Family, unit: str):
+    """B-cos at b=2, DAU layers with a random dynamic part; no biases."""
     original = _original(family)
-    bmodel = bcosify.convert(original)
-    assert bmodel.b == 2.0 and bmodel.logit_bias == pytest.approx(-torch.log(torch.tensor(9.0)).item())
+    bmodel = bcosify.convert(original, **UNITS[unit])
+    assert bmodel.logit_bias == pytest.approx(-torch.log(torch.tensor(9.0)).item())
     x = _images(family, n=3)
-    bcosify.calibrate(bmodel, torch.rand(4, 3, family.size, family.size, dtype=torch.float64), progress=False)
+    calibration = torch.rand(4, 3, family.size, family.size, dtype=torch.float64)
+    if unit == "bcos":
+        assert bmodel.b == 2.0
+        bcosify.calibrate(bmodel, calibration, progress=False)
+    else:
+        with torch.no_grad():
+            static = bmodel(x)
+        randomise_dau_layers(bmodel, calibration)
+        with torch.no_grad():
+            change = ((bmodel(x) - static).norm() / (static - bmodel.logit_bias).norm()).item()
+        assert change > 1e-3, f"the dynamic part barely changes the logits ({change:.1e}): the test would be weak"
     e = bcosify.explain(bmodel, x)
     with torch.no_grad():  # explanation mode changes gradients only, never the forward value
         torch.testing.assert_close(e.logits, bmodel(x), rtol=1e-10, atol=0)
@@ -50,9 +68,10 @@ def test_completeness_after_conversion(family: Family):
     torch.testing.assert_close(total, explained, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("unit", UNITS)
 @pytest.mark.parametrize("family", bcosify.list_supported(), ids=lambda f: f.id)
-def test_report_has_no_leftovers_and_value_path_is_bias_free(family: Family):
-    bmodel = bcosify.convert(_original(family))
+def test_report_has_no_leftovers_and_value_path_is_bias_free(family: Family, unit: str):
+    bmodel = bcosify.convert(_original(family), **UNITS[unit])
     assert bmodel.report.leftovers == []
     assert bmodel.report.by_action("replaced"), "nothing was replaced"
     for path, module in value_path_modules(bmodel.network):

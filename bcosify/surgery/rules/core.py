@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict
 from typing import Callable
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 
 from ...errors import ConversionError
-from ...nn import (BcosConv2d, BcosLinear, DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d,
+from ...nn import (BcosConv2d, BcosLinear, DauConv2d, DauLinear, DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d,
                    DetachedGate, ExplanationDetach, GatedActivation, GatePath, SelfAttention, SplitQKV,
                    UncenteredBatchNorm2d, gated, gelu_gate, gelu_tanh_gate, hardswish_gate, relu6_gate)
 from ...nn.head import ClassifierBeforePooling, MeanPatchTokens
@@ -27,20 +28,34 @@ PLAIN_CONVS: dict[type, Callable[[nn.Module], nn.Conv2d]] = {}
 
 # --- builders ---------------------------------------------------------------------------------------
 
-def bcos_conv(conv: nn.Conv2d, ctx: Context, same_padding: bool = False) -> BcosConv2d:
+def _seed(ctx: Context) -> int:
+    """A seed for a DAU layer's random projection, fixed by its path: a conversion is reproducible."""
+    return zlib.crc32(ctx.path.encode())
+
+
+def bcos_conv(conv: nn.Conv2d, ctx: Context, same_padding: bool = False) -> BcosConv2d | DauConv2d:
+    """The alignment convolution of the config's ``unit`` (B-cos or DAU) with the weights of ``conv``."""
+    config = ctx.config
     try:
-        return BcosConv2d.from_module(conv, ctx.config.b, ctx.config.normalize_weights,
-                                      keep_bias=ctx.config.keep_bias, same_padding=same_padding)
+        if config.unit == "dau":
+            return DauConv2d.from_module(conv, config.rank, config.squash, keep_bias=config.keep_bias,
+                                         same_padding=same_padding, seed=_seed(ctx))
+        return BcosConv2d.from_module(conv, config.b, config.normalize_weights, keep_bias=config.keep_bias,
+                                      same_padding=same_padding)
     except ValueError as e:
         raise ConversionError(f"{ctx.path} ({type(conv).__name__}): {e}") from None
 
 
-def bcos_conv_same(conv: nn.Conv2d, ctx: Context) -> BcosConv2d:
+def bcos_conv_same(conv: nn.Conv2d, ctx: Context) -> BcosConv2d | DauConv2d:
     return bcos_conv(conv, ctx, same_padding=True)
 
 
-def bcos_linear(linear: nn.Linear, ctx: Context) -> BcosLinear:
-    return BcosLinear.from_module(linear, ctx.config.b, ctx.config.normalize_weights, keep_bias=ctx.config.keep_bias)
+def bcos_linear(linear: nn.Linear, ctx: Context) -> BcosLinear | DauLinear:
+    """The alignment linear layer of the config's ``unit`` (B-cos or DAU) with the weights of ``linear``."""
+    config = ctx.config
+    if config.unit == "dau":
+        return DauLinear.from_module(linear, config.rank, config.squash, keep_bias=config.keep_bias, seed=_seed(ctx))
+    return BcosLinear.from_module(linear, config.b, config.normalize_weights, keep_bias=config.keep_bias)
 
 
 def batchnorm(bn: nn.BatchNorm2d, ctx: Context) -> UncenteredBatchNorm2d:
