@@ -31,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import DEFAULT_RANK, check_rank, check_squash
 from .base import DetachableModule
-from .bcos import DEFAULT_EPS, _pad_same, conv_geometry
+from .bcos import DEFAULT_EPS, _compiling, _pad_same, conv_geometry
 
 #: ranks contracted at once: the transient memory of a layer is about this many output-sized maps
 RANK_CHUNK = 8
@@ -44,6 +44,38 @@ def squash_factor(sq: torch.Tensor, squash: str, eps: float) -> torch.Tensor:
     if squash == "squash":
         return (sq + eps).sqrt() / (1 + sq)
     return (sq + eps).rsqrt()
+
+
+def _squash_factor_grad(sq: torch.Tensor, squash: str, eps: float) -> torch.Tensor:
+    """``d s / d sq`` of :func:`squash_factor` (0 where ``sq`` was clamped)."""
+    pos = sq.clamp_min(0)
+    if squash == "squash":
+        norm = (pos + eps).sqrt()
+        grad = (0.5 / norm - norm / (1 + pos)) / (1 + pos)
+    else:
+        grad = -0.5 * (pos + eps).pow(-1.5)
+    return grad.masked_fill_(sq < 0, 0)
+
+
+class _Squashed(torch.autograd.Function):
+    """``lin * gain * s(sq)``, keeping only ``lin`` and ``sq`` for the backward (the factor is recomputed)."""
+
+    @staticmethod
+    def forward(ctx, lin: torch.Tensor, sq: torch.Tensor, gain: torch.Tensor, squash: str, eps: float):
+        ctx.save_for_backward(lin, sq, gain)
+        ctx.squash, ctx.eps = squash, eps
+        return lin * (squash_factor(sq, squash, eps) * gain)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        lin, sq, gain = ctx.saved_tensors
+        grad_lin = grad_sq = None
+        if ctx.needs_input_grad[0]:
+            grad_lin = grad * (squash_factor(sq, ctx.squash, ctx.eps) * gain)
+        if ctx.needs_input_grad[1]:
+            grad_sq = grad * lin * (_squash_factor_grad(sq, ctx.squash, ctx.eps) * gain)
+        return grad_lin, grad_sq, None, None, None
 
 
 def _init_gain(weight_rows: torch.Tensor, squash: str, eps: float) -> torch.Tensor:
@@ -114,8 +146,10 @@ class _Dau(DetachableModule):
             cross = torch.einsum("kri,ki->kr", bmat, b)  # B_j^T b_j
             quad = _contract(h, h, gram, _basis_project(project), groups)
             sq = quad + 2 * _basis_project(project)(h, cross) + b.pow(2).sum(1).view(units, *channel_shape)
-            scale = squash_factor(sq, self.squash, self.eps) * self.gain.view(units, *channel_shape)
-        return lin * scale
+        gain = self.gain.view(units, *channel_shape)
+        if torch.is_grad_enabled() and (lin.requires_grad or sq.requires_grad) and not _compiling():
+            return _Squashed.apply(lin, sq, gain, self.squash, self.eps)
+        return lin * (squash_factor(sq, self.squash, self.eps) * gain)
 
     def _extra(self) -> str:
         return f", rank={self.rank}, squash={self.squash!r}"
