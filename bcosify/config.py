@@ -4,6 +4,7 @@ the model, as one dataclass that round-trips through JSON."""
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
@@ -68,8 +69,9 @@ class BcosConfig(Options):
         keep_bias: keep biases on the value path (and fold BatchNorm centring into them);
             with ``b=1`` the converted model computes the original function.
         normalize_weights: unit-norm weight rows (B-cos v2) instead of the pretrained ``w``; B-cos only.
-        rank: rank of the dynamic part of every DAU layer (capped at each layer's patch size); DAU only,
-            default 32.
+        rank: rank of the dynamic part of every DAU layer (capped at each layer's patch size), or a mapping
+            from module path patterns (shell-style, first match wins) to ranks, e.g. ``{"0": 32, "*": 64}``;
+            DAU only, default 32.
         squash: the DAU squashing, ``"squash"`` (``u ||u|| / (1 + ||u||^2)``) or ``"l2"`` (``u / ||u||``); DAU only,
             default ``"squash"``.
         temperature: every logit is divided by it (before the logit bias is added); CoDA-Nets train with large
@@ -108,7 +110,7 @@ class BcosConfig(Options):
     b: float = DEFAULT_B
     keep_bias: bool = False
     normalize_weights: bool = False
-    rank: int | None = None
+    rank: int | dict[str, int] | None = None
     squash: str | None = None
     temperature: float = 1.0
     mean: tuple[float, ...] | None = None
@@ -181,8 +183,24 @@ class BcosConfig(Options):
             raise ValueError(f"{' and '.join(given)}: {'B-cos options' if len(given) > 1 else 'a B-cos option'} that "
                              "unit='dau' does not have (DAU layers have no alignment exponent and keep the pretrained "
                              "weights as their static part)")
-        self.rank = check_rank(DEFAULT_RANK if self.rank is None else self.rank)
+        if isinstance(self.rank, dict):
+            if not self.rank or not all(isinstance(k, str) for k in self.rank):
+                raise ValueError(f"a rank mapping needs module path patterns (strings) as keys, got {self.rank!r}")
+            self.rank = {k: check_rank(v) for k, v in self.rank.items()}
+        else:
+            self.rank = check_rank(DEFAULT_RANK if self.rank is None else self.rank)
         self.squash = check_squash("squash" if self.squash is None else self.squash)
+
+    def rank_at(self, path: str) -> int:
+        """The DAU rank of the layer at module ``path`` (a ``ValueError`` if a rank mapping names no pattern
+        that matches it)."""
+        if not isinstance(self.rank, dict):
+            return self.rank
+        for pattern, rank in self.rank.items():
+            if fnmatch.fnmatchcase(path, pattern):
+                return rank
+        raise ValueError(f"no rank for the layer {path!r}: none of the patterns {list(self.rank)} matches it "
+                         "(add a '*' entry)")
 
 
 def check_rank(rank) -> int:

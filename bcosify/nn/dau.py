@@ -134,6 +134,12 @@ class _Dau(DetachableModule):
         self.weight_b = nn.Parameter(torch.zeros(units, self.rank, *group_dim, **factory))
         self.register_buffer("gain", _init_gain(self.weight.detach().flatten(1), self.squash, self.eps))
 
+    @torch.no_grad()
+    def reset_gain(self) -> None:
+        """Set each unit's gain to undo the squashing of its static weight ``b_j`` (with ``B = 0`` the layer then
+        computes ``b_j^T p``)."""
+        self.gain.copy_(_init_gain(self.weight.flatten(1), self.squash, self.eps))
+
     def _aligned(self, x: torch.Tensor, h: torch.Tensor, project, groups: int, channel_shape: tuple[int, ...]):
         """``gain_j * s(||w_j||^2) * w_j^T p`` from the patches' basis coordinates ``h = A p``."""
         units = self.weight.shape[0]
@@ -209,7 +215,7 @@ class DauConv2d(nn.Conv2d, _Dau):
                   device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(conv.weight)
-            new.gain.copy_(_init_gain(new.weight.flatten(1), new.squash, new.eps))
+            new.reset_gain()
             if new.bias is not None:
                 new.bias.copy_(conv.bias)
         new.train(conv.training)
@@ -256,7 +262,7 @@ class DauLinear(nn.Linear, _Dau):
                   device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(linear.weight)
-            new.gain.copy_(_init_gain(new.weight, new.squash, new.eps))
+            new.reset_gain()
             if new.bias is not None:
                 new.bias.copy_(linear.bias)
         new.train(linear.training)

@@ -38,7 +38,7 @@ def bcos_conv(conv: nn.Conv2d, ctx: Context, same_padding: bool = False) -> Bcos
     config = ctx.config
     try:
         if config.unit == "dau":
-            return DauConv2d.from_module(conv, config.rank, config.squash, keep_bias=config.keep_bias,
+            return DauConv2d.from_module(conv, config.rank_at(ctx.path), config.squash, keep_bias=config.keep_bias,
                                          same_padding=same_padding, seed=_seed(ctx))
         return BcosConv2d.from_module(conv, config.b, config.normalize_weights, keep_bias=config.keep_bias,
                                       same_padding=same_padding)
@@ -54,7 +54,11 @@ def bcos_linear(linear: nn.Linear, ctx: Context) -> BcosLinear | DauLinear:
     """The alignment linear layer of the config's ``unit`` (B-cos or DAU) with the weights of ``linear``."""
     config = ctx.config
     if config.unit == "dau":
-        return DauLinear.from_module(linear, config.rank, config.squash, keep_bias=config.keep_bias, seed=_seed(ctx))
+        try:
+            rank = config.rank_at(ctx.path)
+        except ValueError as e:
+            raise ConversionError(f"{ctx.path} ({type(linear).__name__}): {e}") from None
+        return DauLinear.from_module(linear, rank, config.squash, keep_bias=config.keep_bias, seed=_seed(ctx))
     return BcosLinear.from_module(linear, config.b, config.normalize_weights, keep_bias=config.keep_bias)
 
 
