@@ -99,11 +99,12 @@ def _contract(h: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, project, g
 
     ``weight`` is ``(K, r, ...)``, ``h`` is ``(N, groups * r, ...)`` and ``project(x, w)`` maps ``x`` with a
     ``(K * c, ...)`` weight to ``(N, K * c, ...)`` (channels in dim 1, grouped). Computed ``RANK_CHUNK`` ranks at
-    a time; with autograd each chunk is recomputed in the backward pass instead of kept.
+    a time; with autograd each chunk is recomputed in the backward pass instead of kept (not while torch.compile or
+    torch.export traces: plain operations export as such).
     """
     rank = weight.shape[1]
     step = min(rank, RANK_CHUNK)
-    recompute = torch.is_grad_enabled() and any(t.requires_grad for t in (h, x, weight))
+    recompute = torch.is_grad_enabled() and not _compiling() and any(t.requires_grad for t in (h, x, weight))
     total = None
     for start in range(0, rank, step):
         args = (h, x, weight, project, groups, start, min(start + step, rank))

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import bcosify
+from helpers import randomise_dau_layers
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +36,21 @@ def test_onnx_matches_pytorch(model, tmp_path):
     assert 0 < np.abs(out - exact.numpy()).max() <= max(4 * own, 1e-6 * exact.abs().max().item())
     assert own < 1e-3 * exact.abs().max().item()
     assert not list(tmp_path.glob(".*.onnx"))  # no temporary file left
+
+
+def test_onnx_of_a_dau_model_matches_pytorch(tmp_path):
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, stride=2, groups=2), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(8, 4))
+    bmodel = bcosify.convert(original.eval(), mean=0.5, std=0.25, unit="dau", rank=3, temperature=10).eval()
+    randomise_dau_layers(bmodel, torch.rand(2, 3, 32, 32))
+    path = bcosify.export_onnx(bmodel, tmp_path / "dau.onnx", torch.rand(1, 3, 32, 32))
+    x = torch.rand(3, 3, 32, 32)
+    (out,) = onnxruntime.InferenceSession(str(path)).run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        reference = bmodel(x).numpy()
+    assert np.abs(out - reference).max() <= 1e-4 * max(1.0, np.abs(reference).max())
 
 
 def test_onnx_export_checks_its_example(model, tmp_path):
