@@ -78,9 +78,14 @@ class _Squashed(torch.autograd.Function):
         return grad_lin, grad_sq, None, None, None
 
 
+def _row_sq_norms(rows: torch.Tensor) -> torch.Tensor:
+    """``||row||^2`` of every row of a ``(K, d)`` matrix, without a temporary of its size."""
+    return torch.einsum("kd,kd->k", rows, rows)
+
+
 def _init_gain(weight_rows: torch.Tensor, squash: str, eps: float) -> torch.Tensor:
     """Per-unit gains that undo the squashing at ``w_j = b_j`` (1 for an all-zero row, whose output is 0)."""
-    sq = weight_rows.pow(2).sum(1)
+    sq = _row_sq_norms(weight_rows)
     factor = squash_factor(sq, squash, eps)
     return torch.where(sq > 0, 1 / factor, torch.ones_like(factor))
 
@@ -152,7 +157,7 @@ class _Dau(DetachableModule):
             gram = torch.einsum("kri,ksi->krs", bmat, bmat)  # B_j^T B_j
             cross = torch.einsum("kri,ki->kr", bmat, b)  # B_j^T b_j
             quad = _contract(h, h, gram, _basis_project(project), groups)
-            sq = quad + 2 * _basis_project(project)(h, cross) + b.pow(2).sum(1).view(units, *channel_shape)
+            sq = quad + 2 * _basis_project(project)(h, cross) + _row_sq_norms(b).view(units, *channel_shape)
         gain = self.gain.view(units, *channel_shape)
         if torch.is_grad_enabled() and (lin.requires_grad or sq.requires_grad) and not _compiling():
             return _Squashed.apply(lin, sq, gain, self.squash, self.eps)

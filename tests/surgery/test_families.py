@@ -59,8 +59,11 @@ def test_completeness_after_conversion(family: Family, unit: str):
             change = ((bmodel(x) - static).norm() / (static - bmodel.logit_bias).norm()).item()
         assert change > 1e-3, f"the dynamic part barely changes the logits ({change:.1e}): the test would be weak"
     e = bcosify.explain(bmodel, x)
-    with torch.no_grad():  # explanation mode changes gradients only, never the forward value
-        torch.testing.assert_close(e.logits, bmodel(x), rtol=1e-10, atol=0)
+    # explanation mode changes gradients only, never the forward value (up to rounding: a gated activation rounds
+    # differently (1e-16) in explanation mode, which the randomised, uncalibrated DAU networks amplify to up to 2e-5;
+    # the DAU layers themselves compute the same value in both modes, tests/nn/test_dau.py)
+    with torch.no_grad():
+        torch.testing.assert_close(e.logits, bmodel(x), rtol=1e-10 if unit == "bcos" else 1e-4, atol=0)
     explained = e.explained_logit
     assert bool((explained.abs() > 0).all()), "degenerate logits: completeness would be vacuous"
     assert e.completeness_error.max().item() < 1e-6
