@@ -117,40 +117,39 @@ def _has_unruled_container(module: nn.Module, table: Mapping[type, Rule]) -> boo
 
 def _convert_prepared(network: nn.Module, config: BcosConfig, info, rules: Mapping[type, Rule] | None) -> BcosModel:
     """The conversion proper, of a network whose classifier and pooling are final and config resolved."""
-    _encode_first_layer(network, info.first_layer_path, config, {**RULES, **(rules or {})})
+    for path in info.first_layer_paths:
+        _encode_first_layer(network, path, config)
     network, report = convert_modules(network, config, info, rules)
     if config.padding_mode != "zeros":
-        _set_padding(network, info.first_layer_path, config)
+        _set_padding(network, info.first_layer_paths, config)
     return BcosModel(network, config, report)
 
 
-def _set_padding(network: nn.Module, first_layer_path: str, config: BcosConfig) -> None:
+def _set_padding(network: nn.Module, first_layer_paths: tuple[str, ...], config: BcosConfig) -> None:
     """Give the first (or every) B-cos convolution ``config.padding_mode``."""
     if config.padding_layers == "first":
-        first = network.get_submodule(first_layer_path)
-        if not isinstance(first, BcosConv2d):
-            raise ConversionError(f"padding_mode={config.padding_mode!r} needs a convolution as the first layer; "
-                                  f"{first_layer_path} is a {type(first).__name__}")
-        convs = [first]
+        convs = [network.get_submodule(path) for path in first_layer_paths]
+        for path, first in zip(first_layer_paths, convs):
+            if not isinstance(first, BcosConv2d):
+                raise ConversionError(f"padding_mode={config.padding_mode!r} needs a convolution as the first layer; "
+                                      f"{path} is a {type(first).__name__}")
     else:
         convs = [m for m in network.modules() if isinstance(m, BcosConv2d)]
     for conv in convs:
         conv.padding_mode = config.padding_mode
 
 
-def _encode_first_layer(network: nn.Module, path: str, config: BcosConfig, rules: Mapping[type, Rule]) -> None:
-    """Replace the layer that takes the image by one over ``[x, 1 - x]`` with the normalization folded in.
-
-    A first layer of a type no rule knows is left for the engine, which refuses it by name.
-    """
+def _encode_first_layer(network: nn.Module, path: str, config: BcosConfig) -> None:
+    """Replace a layer that takes the image by one over ``[x, 1 - x]`` with the normalization folded in; refuse one
+    that cannot take it."""
     first = network.get_submodule(path)
     if type(first) in PLAIN_CONVS:
         first = PLAIN_CONVS[type(first)](first)
-    if type(first) in FIRST_LAYER_TYPES:
-        network.set_submodule(path, fold_input_normalization(first, config.mean, config.std))
-    elif type(first) in rules:
-        raise ConversionError(f"the first layer {path} is a {type(first).__name__}; only a Conv2d can take the "
-                              "folded input normalization")
+    if type(first) not in FIRST_LAYER_TYPES:
+        raise ConversionError(f"the image goes into {path} ({type_name(first)}), which is not a convolution the input "
+                              "normalization can be folded into (the image may only be zero-padded or resized before "
+                              "its first convolutions)")
+    network.set_submodule(path, fold_input_normalization(first, config.mean, config.std))
 
 
 def _logit_bias(config: BcosConfig, num_classes: int) -> float:

@@ -18,6 +18,7 @@ import json
 import pathlib
 import re
 import signal
+import subprocess
 import sys
 import time
 import warnings
@@ -147,6 +148,25 @@ def check(source: str, name: str, params: float, limit: int) -> dict:
     return row
 
 
+def check_in_subprocess(source: str, name: str, params: float, limit: int, threads: int) -> dict:
+    """:func:`check` in a fresh interpreter (nothing a timeout interrupts can leak into the next model)."""
+    command = [sys.executable, __file__, "--one", source, name, repr(params), "--limit", str(limit),
+               "--threads", str(threads)]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=limit + 60)
+    except subprocess.TimeoutExpired:
+        return {"library": source, "model": name, "status": "timeout", "reason": f"over {limit + 60} s",
+                "seconds": round(time.perf_counter() - start, 1)}
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return {"library": source, "model": name, "status": "crashed",
+                "reason": f"the subprocess exited with {done.returncode}: {tail}",
+                "seconds": round(time.perf_counter() - start, 1)}
+    return json.loads(lines[-1])
+
+
 def table(rows: list[dict]) -> str:
     counts = collections.Counter((r["library"], r["status"]) for r in rows)
     lines = []
@@ -190,23 +210,35 @@ def main() -> None:
     parser.add_argument("--json", type=pathlib.Path, default=pathlib.Path("benchmarks/results/coverage.json"))
     parser.add_argument("--write", type=pathlib.Path, help="README to update between the coverage markers")
     parser.add_argument("--limit", type=int, default=120, help="seconds per model")
-    parser.add_argument("--only", help="regular expression on model names (a partial run)")
+    parser.add_argument("--only", help="regular expression on model names (re-measure these, keep the other rows)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--one", nargs=3, metavar=("LIBRARY", "MODEL", "PARAMS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.one:  # the subprocess: one model, one JSON line
+        source, name, params = args.one
+        print(json.dumps(check(source, name, float(params), args.limit)))
+        return
     candidates = _cached_candidates(args.json.with_name("coverage_candidates.json"))
+    previous = json.loads(args.json.read_text()) if args.only and args.json.is_file() else {"rows": []}
     if args.only:
         candidates = [c for c in candidates if re.search(args.only, c[2])]
-    rows = []
+    measured: dict[tuple[str, str], dict] = {}
+
+    def rows() -> list[dict]:  # the previous rows, re-measured ones replaced in place, then the new ones
+        again = dict(measured)
+        return [again.pop((r["library"], r["model"]), r) for r in previous["rows"]] + list(again.values())
+
     for i, (source, module, name, params) in enumerate(candidates, 1):
-        row = {"module": module, **check(source, name, params, args.limit)}
-        rows.append(row)
+        row = {"module": module, **check_in_subprocess(source, name, params, args.limit, args.threads)}
+        measured[(source, name)] = row
         print(f"[{i}/{len(candidates)}] {source}:{name} {row['status']} {row.get('reason', '')[:120]} "
               f"({row.get('seconds', 0)} s)", flush=True)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
+        args.json.parent.mkdir(parents=True, exist_ok=True)  # written after every model: a long sweep keeps its part
+        args.json.write_text(json.dumps({"torch": torch.__version__, "rows": rows(),
+                                         **({"note": previous["note"]} if "note" in previous else {})}, indent=1))
     if args.write:
-        write_block(args.write, START, END, table(rows))
+        write_block(args.write, START, END, table(rows()))
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ from .encoding import InputEncoder, check_images, fold_input_normalization, reso
 from .gate import DetachedGate, ExplanationDetach
 from .head import ClassifierBeforePooling, LogitBias, MeanPatchTokens
 from .norm import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d, SyncUncenteredBatchNorm2d,
-                   UncenteredBatchNorm2d, sync_batchnorm)
+                   UncenteredBatchNorm1d, UncenteredBatchNorm2d, sync_batchnorm)
 
 __all__ = [
     "BcosConv2d", "BcosLinear", "ClassifierBeforePooling", "DauConv2d", "DauLinear", "DetachableGroupNorm", "DetachableLayerNorm",
     "DetachableLayerNorm2d", "DetachableModule", "DetachedGate", "ExplanationDetach", "GatePath", "GatedActivation", "InputEncoder",
     "LogitBias", "MeanPatchTokens", "SelfAttention", "SplitQKV", "SyncUncenteredBatchNorm2d",
-    "UncenteredBatchNorm2d",
+    "UncenteredBatchNorm1d", "UncenteredBatchNorm2d",
     "bcos_scale", "check_images", "conv_patch_sq_norms", "fold_input_normalization", "gated", "gelu_gate",
     "gelu_tanh_gate", "hardswish_gate", "ratio_gate", "relu6_gate", "resolve_normalization",
     "set_explanation_mode", "sync_batchnorm",

@@ -97,16 +97,17 @@ class UncenteredBatchNorm2d(DetachableModule):
             if (not self.explanation_mode and x.dim() == 4 and x.dtype == self.weight.dtype and not _compiling()
                     and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
                 return self._forward_train(x)
-            var = x.var(dim=(0, 2, 3), unbiased=False)
+            var = x.var(dim=(0, *range(2, x.dim())), unbiased=False)
             self._update_running_var(var.detach(), x.numel() / x.shape[1])
             if self.explanation_mode:
                 var = var.detach()
         else:
             var = self.running_var
+        shape = (1, -1) + (1,) * (x.dim() - 2)
         scale = self.weight / (var + self.eps).sqrt()
-        out = x * scale.view(1, -1, 1, 1)
+        out = x * scale.view(shape)
         if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
+            out = out + self.bias.view(shape)
         return out
 
     @torch.no_grad()
@@ -178,6 +179,11 @@ def sync_batchnorm(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer in layers:
             layer.__class__ = UncenteredBatchNorm2d
+
+
+class UncenteredBatchNorm1d(UncenteredBatchNorm2d):
+    """``gamma * x / sqrt(var + eps) (+ bias)`` over the channels of ``(N, C)`` or ``(N, C, L)`` inputs: the
+    uncentred ``BatchNorm1d``."""
 
 
 class DetachableLayerNorm(DetachableModule):

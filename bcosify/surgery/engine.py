@@ -109,7 +109,7 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
             new = rule.build(module, ctx)
             action = GATED if rule.action == GATE else (REPLACED if new is not module else KEPT)
             note = rule.note
-            if path == trace_info.first_layer_path:
+            if path in trace_info.first_layer_paths:
                 note = f"first layer: [x, 1-x] input, normalization ({config.normalization_from}) folded in"
             report.add(path, module, action, new if new is not module else None, note)
         done[id(module)] = (module, new)

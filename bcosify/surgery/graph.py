@@ -56,11 +56,13 @@ _LINEAR_METHODS = {
 _META_METHODS = {"size", "dim", "numel", "ndimension", "__len__", "get_device", "is_contiguous"}
 _META_FUNCTIONS = {getattr, len, torch.numel, isinstance, int, float, math.sqrt}
 _SELECTIONS = {F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
-               F.adaptive_max_pool2d, torch.maximum, torch.amax}
-_SELECTION_METHODS = {"relu", "relu_", "amax", "maximum"}
+               F.adaptive_max_pool2d, torch.maximum, torch.amax, torch.max}
+_SELECTION_METHODS = {"relu", "relu_", "amax", "maximum", "max"}
 #: bilinear operations: linear in the value path when every other operand is a constant or a gate
 _PRODUCTS = {operator.mul, operator.imul, torch.mul, torch.multiply, operator.matmul, torch.matmul, torch.bmm,
-             torch.einsum, F.linear}
+             torch.einsum, F.linear, F.conv1d, F.conv2d, F.conv3d}
+#: products whose third argument is a bias added to the result
+_WITH_BIAS = {F.linear, F.conv1d, F.conv2d, F.conv3d}
 _PRODUCT_METHODS = {"mul", "mul_", "matmul", "bmm"}
 _DIVISIONS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide}
 _DIVISION_METHODS = {"div", "div_"}
@@ -77,16 +79,31 @@ _ACTIVATIONS = {F.gelu: "gelu", F.silu: "silu", F.hardswish: "hardswish", F.mish
 _ACTIVATION_METHODS = {"tanh": "tanh"}
 
 
-def _register_library_gates() -> tuple[type, ...]:
-    """timm's sigmoid-like activation modules are gate sources too."""
+#: activation modules: on the value path they are converted by their rules; the one factor of a product of two
+#: value-path tensors that is such an activation's output (a gated linear unit: GLU, GeGLU, SwiGLU, StarNet's
+#: ``act(x1) * x2``) is that product's gate
+_ACTIVATION_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.LeakyReLU, nn.ELU, nn.Tanh)
+
+
+def _register_library_gates() -> tuple[tuple[type, ...], tuple[type, ...]]:
+    """timm's sigmoid-like activation modules and attention-weight modules (split attention's radix softmax,
+    selective kernel attention) are gate sources too; its other activation modules are activations."""
     try:
         import timm.layers.activations as act
+        import timm.layers.selective_kernel as sk
+        import timm.layers.split_attn as split_attn
     except ImportError:  # pragma: no cover
-        return ()
-    return tuple(getattr(act, name) for name in ("Sigmoid", "HardSigmoid", "Tanh") if hasattr(act, name))
+        return (), ()
+    gates = tuple(getattr(act, name) for name in ("Sigmoid", "HardSigmoid", "Tanh") if hasattr(act, name))
+    gates += tuple(getattr(module, name) for module, name in ((split_attn, "RadixSoftmax"),
+                                                              (sk, "SelectiveKernelAttn")) if hasattr(module, name))
+    activations = tuple(getattr(act, name) for name in ("GELU", "GELUTanh", "QuickGELU", "Swish", "HardSwish", "Mish",
+                                                        "Tanh") if hasattr(act, name))
+    return gates, activations
 
 
-_GATE_MODULES = _GATE_MODULES + _register_library_gates()
+_GATE_MODULES = _GATE_MODULES + _register_library_gates()[0]
+_ACTIVATION_MODULES = _ACTIVATION_MODULES + _register_library_gates()[1]
 
 
 @dataclass
@@ -221,6 +238,12 @@ def read_forward(module: nn.Module, given: dict | None = None) -> Reading:
     for node in graph.nodes:
         walk.visit(node)
     on_value_path = walk.value_path(graph)
+    for node in graph.nodes:  # a result nothing reads acts by a side effect (list.append, an in-place op)
+        if node.op in ("call_function", "call_method", "call_module") and not node.users and \
+                walk.kind(node) != CONST and node.target is not torch._assert:
+            reading.blocking.append(f"{_name(node)} at {_where(node)}: its result is not used, so it acts by a "
+                                    "side effect (a list filled in place, an in-place operation) the graph cannot "
+                                    "follow")
     for node, checks in walk.pending.items():
         if node in on_value_path:
             for check, payload in checks:
@@ -324,7 +347,7 @@ class _Walk:
             return CONST
         if VALUE not in kinds:
             return GATE  # a function of gates (and constants) is still a gate
-        if any_of(_ACTIVATIONS, _ACTIVATION_METHODS) and not _feeds_a_product(node):
+        if any_of(_ACTIVATIONS, _ACTIVATION_METHODS):
             if [self.kind(a) for a in node.args[:1]] != [VALUE] or kinds.count(VALUE) != 1:
                 self.check(node, "block", "an activation of several value-path tensors")
             self.check(node, "activation", None)
@@ -349,7 +372,13 @@ class _Walk:
             return VALUE
         if any_of(_PRODUCTS, _PRODUCT_METHODS):
             if kinds.count(VALUE) > 1:
+                self._gate_a_factor(node)
+                kinds = [self.kind(a) for a in _flat_args(node)]
+            if kinds.count(VALUE) > 1:
                 self.check(node, "block", "a product of two value-path tensors (no gate between them)")
+            bias = node.kwargs.get("bias", node.args[2] if len(node.args) > 2 else None)
+            if not method and target in _WITH_BIAS and bias is not None:
+                self.check(node, "block", "adds a bias to the value path, a constant no pixel accounts for")
             for a in inputs:
                 if self.kind(a) == CONST:
                     self.check(node, "scale", self.sources.get(a, set()))
@@ -369,6 +398,21 @@ class _Walk:
             return VALUE
         self.check(node, "block", "an operation bcosify has no exact form for on the value path")
         return VALUE
+
+    def _gate_a_factor(self, node: fx.Node) -> None:
+        """In a product of value-path tensors, make one factor that is an activation's output, used only there, the
+        gate (a gated linear unit)."""
+        for factor in _flat_args(node):
+            if self.kind(factor) != VALUE or len(factor.users) != 1:
+                continue
+            is_activation = (factor.op == "call_module" and
+                             isinstance(self.children.get(str(factor.target)), _ACTIVATION_MODULES)) or \
+                            ("activation", None) in self.pending.get(factor, [])
+            if is_activation:
+                self.pending[factor] = [c for c in self.pending.get(factor, []) if c[0] != "activation"]
+                self.kinds[factor] = GATE
+                self.gate_sources.append(factor)
+                return
 
     def _additive(self, node: fx.Node, inputs: list[fx.Node]) -> None:
         """Constants added to the value path are declared; gates and plain numbers added to it are refused."""
@@ -413,13 +457,6 @@ def _flat_args(node: fx.Node) -> list[fx.Node]:
     out: list[fx.Node] = []
     fx.node.map_arg((node.args, node.kwargs), lambda a: out.append(a) or a)
     return out
-
-
-def _feeds_a_product(node: fx.Node) -> bool:
-    """Whether ``node`` is multiplied with (or divides) something: then tanh is a gate, not an activation."""
-    return any((user.op == "call_method" and user.target in _PRODUCT_METHODS | _DIVISION_METHODS) or
-               (user.op == "call_function" and (user.target in _PRODUCTS or user.target in _DIVISIONS))
-               for user in node.users)
 
 
 # --- rewriting: make gates and functional activations detachable -----------------------------------

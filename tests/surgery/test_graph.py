@@ -76,6 +76,44 @@ class TokenAttention(nn.Module):
         return self.head(t.mean(1))
 
 
+class GatedUnit(nn.Module):
+    """A gated linear unit (GeGLU / StarNet's ``act(x1) * x2``): the activated factor is the product's gate."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.f1, self.f2 = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.act = nn.ReLU6()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        g = F.gelu(self.f1(y)) if self.functional else self.act(self.f1(y))
+        return self.fc((g * self.f2(y)).mean((2, 3)))
+
+
+class BlurredPadded(nn.Module):
+    """A zero-padded image into two convolutions (a re-parameterisable stem), a fixed blur filter applied with
+    ``F.conv2d`` (a buffer: a linear map), and an image resized for a second branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(3, 4, 1, stride=2)
+        self.c = nn.Conv2d(3, 4, 3, stride=4)
+        self.drop = nn.Dropout(0.1)
+        self.register_buffer("blur", torch.tensor([1.0, 2.0, 1.0]).outer(torch.tensor([1.0, 2.0, 1.0])).div(16)
+                             .expand(4, 1, 3, 3).clone())
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        p = F.pad(self.drop(x), (1, 1, 1, 1))
+        y = self.a(p) + self.b(p[..., 1:-1, 1:-1])
+        y = F.conv2d(F.pad(y, (1, 1, 1, 1), mode="reflect"), self.blur, groups=4)
+        z = self.c(F.interpolate(x, scale_factor=2.0, mode="bilinear"))
+        return self.fc(torch.cat([y.mean((2, 3)), z.mean((2, 3))], 1))
+
+
 def _images(n: int = 2, size: int = 16) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
@@ -85,7 +123,10 @@ def _verified(bmodel) -> str:
     return entry.note
 
 
-@pytest.mark.parametrize("make", [Glue, SqueezeExcite, TokenAttention])
+@pytest.mark.parametrize("make", [Glue, SqueezeExcite, TokenAttention, lambda: GatedUnit(False), lambda: GatedUnit(True),
+                                  BlurredPadded],
+                         ids=["glue", "squeeze-excite", "attention", "glu-module", "glu-functional",
+                              "padded-blurred-resized"])
 def test_linear_glue_converts_without_a_rule_and_is_exact(make):
     torch.manual_seed(0)
     original = make().double().eval()
@@ -357,3 +398,66 @@ def test_a_converted_model_that_cannot_run_is_refused_not_crashed():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Identity(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(ConversionError, match="cannot be run or explained .*RuntimeError: shape trouble"):
         bcosify.convert(model, mean=0.5, std=0.25, rules={nn.Identity: Rule("replace", lambda m, ctx: Boom())})
+
+
+class _AppendsToTheList(nn.Module):
+    """Fills the list it is given in place (a side effect no graph shows), as timm's VoVNet does."""
+
+    def __init__(self):
+        super().__init__()
+        self.mid = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x, outs: list):
+        outs.append(self.mid(x))
+        return torch.cat(outs, 1)
+
+
+class AppendsToAList(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fill, self.fc = nn.Conv2d(3, 4, 3, padding=1), _AppendsToTheList(), nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(self.fill(y, [y]).mean((2, 3)))
+
+
+def test_the_image_goes_into_every_first_layer():
+    bmodel = bcosify.convert(BlurredPadded().double(), mean=0.5, std=0.25)
+    firsts = {e.path for e in bmodel.report.entries if e.note.startswith("first layer")}
+    assert firsts == {"a", "b", "c"}
+    assert all(bmodel.network.get_submodule(p).in_channels == 6 for p in firsts)
+
+
+def test_a_side_effect_is_refused_not_misread():
+    with pytest.raises(ConversionError, match="Tensor.append at test_graph.py:.*side effect"):
+        bcosify.convert(AppendsToAList(), mean=0.5, std=0.25)
+
+
+def test_a_functional_layer_with_a_bias_is_refused():
+    class Biased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.register_buffer("w", torch.randn(4, 4))
+            self.register_buffer("b", torch.randn(4))
+
+        def forward(self, x):
+            return F.linear(self.conv(x).mean((2, 3)), self.w, self.b)
+
+    with pytest.raises(ConversionError, match="F.linear at test_graph.py:.*adds a bias"):
+        bcosify.convert(Biased(), mean=0.5, std=0.25)
+
+
+def test_input_channels_and_size_come_from_the_pretrained_config():
+    """CSATv2's first Conv2d in module order takes 64 channels and LeViT built for 32 px runs at no default size:
+    the channels and the size are read from the model, not guessed."""
+    import timm
+
+    from bcosify.surgery.trace import trace
+
+    model = timm.create_model("levit_128s", img_size=32, num_classes=4).eval()
+    info = trace(model)
+    assert (info.in_chans, info.size) == (3, 32)
+    with pytest.raises(ConversionError, match="went into no layer; the forward first transforms it by mul at csatv2"):
+        trace(timm.create_model("csatv2", num_classes=4))

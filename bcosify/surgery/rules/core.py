@@ -12,7 +12,8 @@ from torch import nn
 from ...errors import ConversionError
 from ...nn import (BcosConv2d, BcosLinear, DauConv2d, DauLinear, DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d,
                    DetachedGate, ExplanationDetach, GatedActivation, GatePath, SelfAttention, SplitQKV,
-                   UncenteredBatchNorm2d, gated, gelu_gate, gelu_tanh_gate, hardswish_gate, relu6_gate)
+                   UncenteredBatchNorm1d, UncenteredBatchNorm2d, gated, gelu_gate, gelu_tanh_gate, hardswish_gate,
+                   relu6_gate)
 from ...nn.head import ClassifierBeforePooling, MeanPatchTokens
 from ..report import GATED, REPLACED
 from .base import DESCEND, KEEP, REPLACE, Builder, Context, Rule
@@ -64,6 +65,10 @@ def bcos_linear(linear: nn.Linear, ctx: Context) -> BcosLinear | DauLinear:
 
 def batchnorm(bn: nn.BatchNorm2d, ctx: Context) -> UncenteredBatchNorm2d:
     return UncenteredBatchNorm2d.from_module(bn, keep_bias=ctx.config.keep_bias)
+
+
+def batchnorm1d(bn: nn.BatchNorm1d, ctx: Context) -> UncenteredBatchNorm1d:
+    return UncenteredBatchNorm1d.from_module(bn, keep_bias=ctx.config.keep_bias)
 
 
 def norm_act(norm_type: type) -> Builder:
@@ -171,6 +176,7 @@ RULES: dict[type, Rule] = {
     nn.MultiheadAttention: Rule(REPLACE, multihead_attention, "self-attention; attention matrix a gate"),
     # normalization
     nn.BatchNorm2d: Rule(REPLACE, batchnorm, "uncentred, bias-free"),
+    nn.BatchNorm1d: Rule(REPLACE, batchnorm1d, "uncentred, bias-free"),
     nn.LayerNorm: Rule(REPLACE, layernorm, "std detached in explanation mode"),
     nn.GroupNorm: Rule(REPLACE, groupnorm, "std detached in explanation mode"),
     # activations as gates

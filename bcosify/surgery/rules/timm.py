@@ -9,13 +9,14 @@ import timm.models._efficientnet_blocks as timm_eff_blocks
 import timm.models.beit as timm_beit
 import timm.models.deit as timm_deit
 import timm.models.eva as timm_eva
+import timm.models.metaformer as timm_metaformer
 import timm.models.swin_transformer as timm_swin
 import timm.models.vision_transformer as timm_vit
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...nn import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d, UncenteredBatchNorm2d,
+from ...nn import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d, UncenteredBatchNorm2d, gated,
                    gelu_gate, gelu_tanh_gate, hardswish_gate)
 from ...nn.act import quick_gelu_gate
 from .base import DESCEND, GATE, KEEP, REFUSE, REPLACE, Rule
@@ -55,6 +56,39 @@ def _std_conv(conv: nn.Conv2d, ctx: Context) -> nn.Module:
 PLAIN_CONVS.update({t: plain_conv for t in _STD_CONVS})
 
 
+class LearnedScale(nn.Module):
+    """HGNetV2's learnable affine block without (or, for the equivalence check, with) its bias: ``scale * x``."""
+
+    def __init__(self, scale: nn.Parameter, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        self.scale, self.bias = scale, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * x if self.bias is None else self.scale * x + self.bias
+
+
+def _learnable_affine(block: nn.Module, ctx: Context) -> LearnedScale:
+    return LearnedScale(block.scale, block.bias if ctx.config.keep_bias else None)
+
+
+class _ScaledSquaredReLU(nn.Module):
+    """``scale * relu(x) ** 2``: MetaFormer's StarReLU without its bias."""
+
+    def __init__(self, scale: nn.Parameter) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.relu(x) ** 2
+
+
+def _star_relu(act: nn.Module, ctx: Context) -> nn.Module:
+    """``scale * relu(x)^2 (+ bias)`` as ``x * (scale * relu(x))``, the gate detached in explanation mode; the bias
+    (``f(0) != 0``) is removed unless biases are kept."""
+    core = act if ctx.config.keep_bias else _ScaledSquaredReLU(act.scale)
+    return gated(core, lambda x: act.scale * F.relu(x), "star_relu")
+
+
 def _efficientnet_se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x_se = se.conv_expand(se.act1(se.conv_reduce(x.mean((2, 3), keepdim=True))))
     return se.gate(x_se)
@@ -82,6 +116,8 @@ _CONTAINERS = (
     timm_vit.Block, timm_vit.ResPostBlock, timm.layers.PatchEmbed,
     timm_swin.SwinTransformer, timm_swin.SwinTransformerStage, timm_swin.SwinTransformerBlock,
     timm_swin.PatchMerging,
+    # children appended to a list given by the caller, then concatenated (a side effect no graph shows)
+    timm.models.vovnet.SequentialAppendList,
 )
 
 _KEPT = (timm.layers.SelectAdaptivePool2d, timm.layers.DropPath, timm.layers.LayerScale, timm.layers.PatchDropout,
@@ -106,6 +142,12 @@ RULES: dict[type, Rule] = {
     timm_eva.EvaAttention: Rule(REFUSE, note="reads q/k/v weights functionally (rotary embedding, q/v biases)"),
     timm.layers.AttentionPoolLatent: Rule(REFUSE, note="attention pooling with a learned query "
                                                        "(use global_pool='token' or 'avg')"),
+    timm_metaformer.StarReLU: Rule(REPLACE, _star_relu, "x * (scale * relu(x)), bias removed"),
+    timm_metaformer.SquaredReLU: Rule(REPLACE, gate(F.relu, "squared_relu")),
+    timm_metaformer.GroupNorm1NoBias: Rule(REPLACE, groupnorm, "std detached in explanation mode"),
+    timm_metaformer.LayerNorm2dNoBias: Rule(REPLACE, layernorm2d, "std detached in explanation mode"),
+    timm_metaformer.LayerNormNoBias: Rule(REPLACE, layernorm, "std detached in explanation mode"),
+    timm.models.hgnet.LearnableAffineBlock: Rule(REPLACE, _learnable_affine, "a learned scale; bias removed"),
     # convolutions and linear layers on the value path
     timm.layers.Conv2dSame: Rule(REPLACE, bcos_conv_same, "TF 'SAME' padding kept"),
     **{t: Rule(REPLACE, _std_conv, "weight standardisation baked into the weight") for t in _STD_CONVS},
