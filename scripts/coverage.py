@@ -109,8 +109,11 @@ def _build(source: str, name: str) -> nn.Module:
     if source == "timm":
         import timm
 
-        try:  # transformers built for a small image where the constructor allows it
-            return timm.create_model(name, num_classes=10, img_size=64)
+        try:  # transformers built for a small image where the constructor allows it and the model then runs
+            model = timm.create_model(name, num_classes=10, img_size=64)
+            with torch.no_grad():
+                model.eval()(torch.rand(1, model.pretrained_cfg.get("input_size", (3,))[0], 64, 64))
+            return model
         except Exception:  # noqa: BLE001
             return timm.create_model(name, num_classes=10)
     import torchvision.models as tvm

@@ -71,7 +71,7 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
         elif rule is None or rule.action == DESCEND:
             new = module
             if rule is None:  # no rule: read what its forward does between its children
-                reading = read_forward(module, trace_info.given.get(id(module)))
+                reading = read_forward(module, trace_info.given.get(id(module)), trace_info.shapes.get(id(module)))
                 if reading.ok:
                     new = rewrite(module, reading)
                     own = {n for n, _ in module.named_parameters(recurse=False)}

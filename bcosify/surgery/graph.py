@@ -23,11 +23,13 @@ import inspect
 import math
 import operator
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.meta_tracer import MetaTracer
 import torch.nn.functional as F
 from torch import nn
 
@@ -127,6 +129,7 @@ class Reading:
     gate_nodes: list[fx.Node] = field(default_factory=list)
     gate_edges: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)
     fixed_args: tuple[str, ...] = ()  # forward arguments fixed while tracing (a rewrite would drop them)
+    at_shapes: bool = False  # read at the argument shapes it was called with (a rewrite would fix them)
     activation_nodes: list[fx.Node] = field(default_factory=list)
 
     @property
@@ -138,7 +141,9 @@ class Reading:
         return len(self.gate_nodes) + len(self.gate_edges) + len(self.activation_nodes)
 
     def summary(self) -> str:
-        parts = ["forward read from its graph"]
+        parts = ["forward read from its graph" + (" at the input shapes it ran with (its control flow depends on "
+                                                  "them; other shapes may take branches not read)"
+                                                  if self.at_shapes else "")]
         if self.gate_nodes or self.gate_edges:
             parts.append(f"{len(self.gate_nodes) + len(self.gate_edges)} gate(s) detached")
         if self.activation_nodes:
@@ -157,6 +162,23 @@ class _ChildrenAsLeaves(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return True
+
+
+class _ChildrenAsLeavesAtShapes(MetaTracer, _ChildrenAsLeaves):
+    """The same trace, run alongside on example tensors of the shapes and dtypes the forward was called with: a
+    forward whose control flow depends on them (padding to a window size, a dtype check) is read as it runs at
+    those shapes."""
+
+    _TORCH_METHODS_TO_PATCH: list[str] = []  # (tensors are real, not on the meta device)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if kind == "get_attr":  # the module's own tensor, as it is (the meta tracer moves it to the meta device)
+            value = self.root
+            for atom in str(target).split("."):
+                value = getattr(value, atom)
+            proxy.install_tensor_meta(value.detach() if isinstance(value, torch.Tensor) else None)
+        return proxy
 
 
 def _notrace_functions() -> tuple[Callable, ...]:
@@ -216,11 +238,35 @@ def _name(node: fx.Node) -> str:
     return name
 
 
-def read_forward(module: nn.Module, given: dict | None = None) -> Reading:
+def _example_args(module: nn.Module, shapes: dict | None,
+                  fixed: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Example tensors of the shapes and dtypes the forward was called with, and the plain values (sizes, flags) it
+    was given, by argument name."""
+    try:
+        names = [p.name for p in inspect.signature(module.forward).parameters.values()]
+    except (TypeError, ValueError):
+        return {}, {}
+    tensors, values = {}, {}
+    device = next(iter(module.parameters()), torch.empty(0)).device
+    for key, described in (shapes or {}).items():
+        name = names[key] if isinstance(key, int) and key < len(names) else key
+        if not isinstance(name, str) or name in fixed:
+            continue
+        if described[0] == "value":
+            values[name] = described[1]
+        else:
+            _, shape, dtype = described
+            example = torch.rand(shape, dtype=dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+            tensors[name] = example.to(device)
+    return tensors, values
+
+
+def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | None = None) -> Reading:
     """Trace ``module``'s forward with its children as leaves and classify every operation between them.
 
     ``given``: the arguments the model's forward gave it (position or name -> given as None); those given as
-    None or not given are fixed while tracing.
+    None or not given are fixed while tracing. ``shapes``: the shapes and dtypes of the tensors it was given
+    (position or name -> (shape, dtype)): a forward whose control flow needs them is read at those shapes.
     """
     reading = Reading()
     fixed = _concrete_args(module, given)
@@ -228,9 +274,23 @@ def read_forward(module: nn.Module, given: dict | None = None) -> Reading:
     try:
         graph = _ChildrenAsLeaves().trace(module, concrete_args=fixed or None)
     except Exception as error:  # noqa: BLE001 - any tracing failure means the forward cannot be read
-        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        reading.blocking.append(f"its forward cannot be traced by torch.fx ({type(error).__name__}: {detail})")
-        return reading
+        graph = None
+        examples, values = _example_args(module, shapes, fixed)
+        if examples:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    with torch.no_grad():
+                        graph = _ChildrenAsLeavesAtShapes().trace(module, examples,
+                                                                  concrete_args={**fixed, **values} or None)
+                reading.at_shapes = True
+                reading.fixed_args += tuple(values)
+            except Exception:  # noqa: BLE001 - the first error says more
+                graph = None
+        if graph is None:
+            detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            reading.blocking.append(f"its forward cannot be traced by torch.fx ({type(error).__name__}: {detail})")
+            return reading
     reading.graph = graph
     own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
     children = dict(module.named_modules())
@@ -240,7 +300,7 @@ def read_forward(module: nn.Module, given: dict | None = None) -> Reading:
     on_value_path = walk.value_path(graph)
     for node in graph.nodes:  # a result nothing reads acts by a side effect (list.append, an in-place op)
         if node.op in ("call_function", "call_method", "call_module") and not node.users and \
-                walk.kind(node) != CONST and node.target is not torch._assert:
+                walk.kind(node) != CONST and getattr(node.target, "__name__", "") not in _ASSERTIONS:
             reading.blocking.append(f"{_name(node)} at {_where(node)}: its result is not used, so it acts by a "
                                     "side effect (a list filled in place, an in-place operation) the graph cannot "
                                     "follow")
@@ -265,6 +325,9 @@ def read_forward(module: nn.Module, given: dict | None = None) -> Reading:
             else:
                 reading.gate_children.add(top)
     reading.gate_children -= reading.value_children
+    if reading.ok and reading.rewrites and reading.at_shapes:
+        reading.blocking.append("its gates need a rewritten forward, but its control flow depends on the input "
+                                "shape, so the rewrite would only hold for the shape it was read at")
     if reading.ok and reading.rewrites and reading.fixed_args:
         reading.blocking.append(f"its gates need a rewritten forward, which cannot keep the optional arguments "
                                 f"{', '.join(reading.fixed_args)} it was traced without")
@@ -435,6 +498,8 @@ class _Walk:
                                       "accounts for")
 
 
+#: checks with no result (torch's and the ones torch.fx inserts for arguments fixed while tracing)
+_ASSERTIONS = {"_assert", "_assert_is_none"}
 _JOINS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
 _ADDITIVE_FUNCTIONS = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
                        torch.subtract} | _JOINS
@@ -444,7 +509,7 @@ _ADDITIVE_METHODS = {"add", "add_", "sub", "sub_"}
 #: helpers libraries register as untraceable (timm's autowrapped functions) that only move values around
 _LINEAR_HELPERS = {"window_partition", "window_reverse", "window_partition_nchw", "window_reverse_nchw",
                    "grid_partition", "grid_reverse", "grid_partition_nchw", "grid_reverse_nchw", "blockify",
-                   "deblockify", "reshape_pre_pool", "reshape_post_pool"}
+                   "deblockify", "reshape_pre_pool", "reshape_post_pool", "scale_image"}
 
 
 def _is_linear_helper(target: Any) -> bool:

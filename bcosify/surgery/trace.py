@@ -31,6 +31,9 @@ class Trace:
     num_classes: int
     size: int  # the square input size the model ran on
     given: dict[int, dict] = field(default_factory=dict)  # id(module) -> {argument position/name: given as None}
+    #: id(module) -> {argument position/name: ("tensor", shape, dtype) or ("value", a size or flag)}: what its first
+    #: call was given
+    shapes: dict[int, dict] = field(default_factory=dict)
 
     @property
     def first_layer_path(self) -> str:
@@ -101,6 +104,16 @@ class _FollowImage(TorchFunctionMode):
         return out
 
 
+def _describe(value) -> tuple | None:
+    """A tensor argument's shape and dtype, or a plain value (a number, a flag, a size), else ``None``."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype)
+    plain = (int, float, bool)
+    if isinstance(value, plain) or (isinstance(value, tuple) and all(isinstance(v, plain) for v in value)):
+        return ("value", value)
+    return None
+
+
 def _in_chans(model: nn.Module) -> list[int]:
     """Input channels to try: the model's own ``in_chans`` or its pretrained configuration's (timm), else the
     input channels of its first ``Conv2d`` in module order, then 3 and 1 (the forward pass decides)."""
@@ -152,6 +165,9 @@ def trace(model: nn.Module) -> Trace:
         kwargs = kwargs or {}
         given.setdefault(id(module), {}).update({**{i: a is None for i, a in enumerate(args)},
                                                  **{k: v is None for k, v in kwargs.items()}})
+        if id(module) not in shapes:
+            shapes[id(module)] = {k: d for k, d in ((k, _describe(v)) for k, v in [*enumerate(args), *kwargs.items()])
+                                  if d is not None}
         if args and isinstance(args[0], torch.Tensor) and id(args[0]) in images and \
                 next(iter(module.children()), None) is None and type(module) not in _IMAGE_MODULES:
             consumers.append(names[id(module)])
@@ -165,13 +181,14 @@ def trace(model: nn.Module) -> Trace:
 
     inside: list[nn.Module] = []
     given: dict[int, dict] = {}  # per module: argument position or name -> whether it was given as None
+    shapes: dict[int, dict] = {}
     handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()]
     handles += [m.register_forward_hook(post_hook) for m in model.modules()]
     try:
         with eval_mode(model), torch.no_grad():
             error, first_error = None, None
             for in_chans, size in [(c, s) for c in _in_chans(model) for s in _input_sizes(model)]:
-                for store in (executed, consumers, images, transformed, transforms, given, inside):
+                for store in (executed, consumers, images, transformed, transforms, given, shapes, inside):
                     store.clear()
                 dummy = torch.rand(1, in_chans, size, size, dtype=param.dtype, device=param.device)
                 images[id(dummy)] = dummy
@@ -208,4 +225,4 @@ def trace(model: nn.Module) -> Trace:
             classifier_path = names[id(module)]
             break
     return Trace({id(m) for m in executed}, [names[id(m)] for m in executed], first_paths, in_chans,
-                 classifier_path, out.shape[1], size, given)
+                 classifier_path, out.shape[1], size, given, shapes)

@@ -461,3 +461,43 @@ def test_input_channels_and_size_come_from_the_pretrained_config():
     assert (info.in_chans, info.size) == (3, 32)
     with pytest.raises(ConversionError, match="went into no layer; the forward first transforms it by mul at csatv2"):
         trace(timm.create_model("csatv2", num_classes=4))
+
+
+class _PadsToWindows(nn.Module):
+    """Control flow on the input's shape (pad to a multiple of the window), as MobileViT's and TinyViT's blocks."""
+
+    def __init__(self, gate: bool):
+        super().__init__()
+        self.gate = gate
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        H, W = x.shape[-2:]
+        if H % 4 or W % 4:
+            x = F.pad(x, (0, -W % 4, 0, -H % 4))
+        y = self.conv(x)
+        return y * torch.sigmoid(y.mean((2, 3), keepdim=True)) if self.gate else y
+
+
+class _Windowed(nn.Module):
+    def __init__(self, gate: bool):
+        super().__init__()
+        self.stem, self.block, self.fc = nn.Conv2d(3, 4, 3, stride=2), _PadsToWindows(gate), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.block(self.stem(x)).mean((2, 3)))
+
+
+def test_a_forward_with_shape_dependent_control_flow_is_read_at_its_shapes():
+    torch.manual_seed(0)
+    original = _Windowed(gate=False).double().eval()
+    bmodel = bcosify.convert(original, mean=0.5, std=0.25)
+    (entry,) = [e for e in bmodel.report.entries if e.path == "block"]
+    assert entry.action == "read" and "at the input shapes it ran with" in entry.note
+    exact = bcosify.convert(original, b=1, keep_bias=True, mean=0.5, std=0.25).eval()
+    for size in (15, 16):  # padded and not: the original forward is kept, at every size
+        x = _images(size=size)
+        with torch.no_grad():
+            torch.testing.assert_close(exact(x), original((x - 0.5) / 0.25), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ConversionError, match="block: .*_PadsToWindows .*control flow depends on the input shape"):
+        bcosify.convert(_Windowed(gate=True), mean=0.5, std=0.25)

@@ -18,7 +18,9 @@ from torch import nn
 
 from ...nn import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d, UncenteredBatchNorm2d, gated,
                    gelu_gate, gelu_tanh_gate, hardswish_gate)
+from ...nn import SplitQKV
 from ...nn.act import quick_gelu_gate
+from ..report import REPLACED
 from .base import DESCEND, GATE, KEEP, REFUSE, REPLACE, Rule
 from .base import Context
 from .core import (FIRST_LAYER_TYPES, LINEAR_TYPES, PLAIN_CONVS, attention, bcos_conv, bcos_conv_same, bcos_linear,
@@ -89,6 +91,20 @@ def _star_relu(act: nn.Module, ctx: Context) -> nn.Module:
     return gated(core, lambda x: act.scale * F.relu(x), "star_relu")
 
 
+def _beit_attention(attn: nn.Module, ctx: Context) -> nn.Module:
+    """BEiT's attention: its ``qkv`` weight and separate q/k/v biases as one split ``qkv`` (q, k a gate, v B-cos),
+    which its forward then calls; the relative position bias stays on the attention logits (gate path)."""
+    base, convert_child = ctx.path, ctx.convert_child
+    bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach()
+    qkv = SplitQKV.from_weights(attn.qkv.weight.detach(), bias, lambda v: bcos_linear(v, ctx))
+    ctx.report.add(f"{base}.qkv", attn.qkv, REPLACED, qkv, "with q/k/v biases; q, k kept (gate, detached in "
+                                                            "explanation mode); v B-cos")
+    attn.qkv = qkv
+    attn.q_bias = attn.k_bias = attn.v_bias = None  # its forward now calls qkv, biases included
+    attn.proj = convert_child(attn.proj, "proj")
+    return attn
+
+
 def _efficientnet_se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x_se = se.conv_expand(se.act1(se.conv_reduce(x.mean((2, 3), keepdim=True))))
     return se.gate(x_se)
@@ -138,7 +154,8 @@ RULES: dict[type, Rule] = {
     timm_swin.WindowAttention: Rule(GATE, attention, "attention matrix (relative position bias) a gate; v, "
                                                      "proj B-cos"),
     # known, and refused: their forwards read weights functionally or mix gate and value paths
-    timm_beit.Attention: Rule(REFUSE, note="reads its qkv weight functionally with separate q/v biases"),
+    timm_beit.Attention: Rule(GATE, _beit_attention, "attention matrix (relative position bias) a gate; v, proj "
+                                                     "B-cos"),
     timm_eva.EvaAttention: Rule(REFUSE, note="reads q/k/v weights functionally (rotary embedding, q/v biases)"),
     timm.layers.AttentionPoolLatent: Rule(REFUSE, note="attention pooling with a learned query "
                                                        "(use global_pool='token' or 'avg')"),
