@@ -52,6 +52,38 @@ class SplitQKV(nn.Module):
         return torch.cat([self.qk(x), self.v(x)], dim=-1)
 
 
+class SplitQKVConv(nn.Module):
+    """A fused 1x1 ``qkv`` convolution split in two: the query and key output channels from the original rows
+    (biases kept; a gate) and the value channels from a value-path layer (a B-cos convolution), put back in the
+    fused channel order (per-head interleaved or not)."""
+
+    def __init__(self, qk: nn.Conv2d, v: nn.Module, value_channels: torch.Tensor) -> None:
+        super().__init__()
+        self.qk = GatePath(qk)
+        self.v = v
+        order = torch.cat([(~value_channels).nonzero().flatten(), value_channels.nonzero().flatten()])
+        self.register_buffer("order", order.argsort(), persistent=False)  # fused channel -> position in [qk, v]
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, value_channels: torch.Tensor,
+                  convert_value: Callable[[nn.Conv2d], nn.Module]) -> "SplitQKVConv":
+        """Split ``conv`` (a 1x1 convolution, no groups); ``value_channels`` marks its value output channels."""
+        def part(rows: torch.Tensor) -> nn.Conv2d:
+            new = nn.Conv2d(conv.in_channels, len(rows), 1, bias=conv.bias is not None, device=conv.weight.device,
+                            dtype=conv.weight.dtype)
+            with torch.no_grad():
+                new.weight.copy_(conv.weight[rows])
+                if conv.bias is not None:
+                    new.bias.copy_(conv.bias[rows])
+            return new
+
+        return cls(part((~value_channels).nonzero().flatten()), convert_value(part(value_channels.nonzero().flatten())),
+                   value_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.qk(x), self.v(x)], dim=1).index_select(1, self.order)
+
+
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, start: int, stop: int) -> nn.Linear:
     """An ``nn.Linear`` holding copies of rows ``start:stop`` of ``weight`` and ``bias``."""
     part = nn.Linear(weight.shape[1], stop - start, bias=bias is not None, device=weight.device, dtype=weight.dtype)

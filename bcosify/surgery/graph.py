@@ -128,7 +128,9 @@ class Reading:
     graph: fx.Graph | None = None
     gate_nodes: list[fx.Node] = field(default_factory=list)
     gate_edges: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)
-    fixed_args: tuple[str, ...] = ()  # forward arguments fixed while tracing (a rewrite would drop them)
+    #: forward arguments fixed to a value other than None while tracing (a rewrite would drop them; one fixed to None
+    #: stays an argument that must be None)
+    fixed_args: tuple[str, ...] = ()
     at_shapes: bool = False  # read at the argument shapes it was called with (a rewrite would fix them)
     activation_nodes: list[fx.Node] = field(default_factory=list)
 
@@ -270,7 +272,7 @@ def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | No
     """
     reading = Reading()
     fixed = _concrete_args(module, given)
-    reading.fixed_args = tuple(fixed)
+    reading.fixed_args = tuple(name for name, value in fixed.items() if value is not None)
     try:
         graph = _ChildrenAsLeaves().trace(module, concrete_args=fixed or None)
     except Exception as error:  # noqa: BLE001 - any tracing failure means the forward cannot be read
@@ -543,12 +545,26 @@ class _Functional(nn.Module):
         return self.name
 
 
+def _keep_argument_names(module: nn.Module, graph: fx.Graph) -> None:
+    """Give the graph's inputs the names of the forward's arguments (tracing renames one that clashes with a name
+    in the forward), so that the rewritten forward takes the same keyword arguments."""
+    try:
+        names = [p.name for p in inspect.signature(module.forward).parameters.values()]
+    except (TypeError, ValueError):
+        return
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) == len(names):
+        for node, name in zip(placeholders, names):
+            node.target = name
+
+
 def rewrite(module: nn.Module, reading: Reading) -> nn.Module:
     """``module`` with its gates detached and its functional activations gated in explanation mode: an
     ``fx.GraphModule`` that keeps every child, parameter and buffer under its own name."""
     if not reading.rewrites:
         return module
     graph = reading.graph
+    _keep_argument_names(module, graph)
     new_modules: dict[str, nn.Module] = {}
     for i, node in enumerate(reading.gate_nodes):
         name = f"bcos_gate_{i}"

@@ -366,7 +366,7 @@ def test_arguments_the_parent_gives_are_traced_as_given():
     assert exact.network.block.heads == 2 and hasattr(exact.network.block, "bcos_act_0")
 
 
-def test_a_rewrite_that_would_drop_optional_arguments_is_refused():
+def test_a_rewrite_keeps_an_optional_argument_that_was_none_and_refuses_another_value():
     class Gated(nn.Module):
         def __init__(self):
             super().__init__()
@@ -386,8 +386,11 @@ def test_a_rewrite_that_would_drop_optional_arguments_is_refused():
         def forward(self, x):
             return self.fc(self.block(self.stem(x), mask=None).mean((2, 3)))
 
-    with pytest.raises(ConversionError, match="block: .*cannot keep the optional arguments mask"):
-        bcosify.convert(Parent(), mean=0.5, std=0.25)
+    block = bcosify.convert(Parent(), mean=0.5, std=0.25).network.block  # (verified)
+    x = torch.rand(1, 4, 3, 3)
+    torch.testing.assert_close(block(x, mask=None), block(x))
+    with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+        block(x, mask=torch.ones(1))  # read with mask None: another value is refused, not computed wrongly
 
 
 def test_a_converted_model_that_cannot_run_is_refused_not_crashed():

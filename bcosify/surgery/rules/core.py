@@ -97,6 +97,15 @@ def groupnorm(gn: nn.GroupNorm, ctx: Context) -> DetachableGroupNorm:
     return DetachableGroupNorm.from_module(gn, keep_bias=ctx.config.keep_bias)
 
 
+def unbiased(layer: nn.Module, ctx: Context) -> nn.Module:
+    """A linear layer with no B-cos form (a transposed convolution) kept linear; its bias removed unless biases are
+    kept."""
+    if ctx.config.keep_bias or layer.bias is None:
+        return layer
+    layer.bias = None
+    return layer
+
+
 def maxpool(pool: nn.MaxPool2d, ctx: Context) -> nn.Module:
     if not ctx.config.maxpool_to_avgpool:
         return pool
@@ -172,6 +181,7 @@ RULES: dict[type, Rule] = {
     nn.Conv2d: Rule(REPLACE, bcos_conv),
     nn.Linear: Rule(REPLACE, bcos_linear),
     nn.modules.linear.NonDynamicallyQuantizableLinear: Rule(REPLACE, bcos_linear),
+    nn.ConvTranspose2d: Rule(REPLACE, unbiased, "kept linear (no B-cos form), bias removed"),
     # attention: the attention matrix is a gate (q, k detached in explanation mode), v and proj B-cos
     nn.MultiheadAttention: Rule(REPLACE, multihead_attention, "self-attention; attention matrix a gate"),
     # normalization

@@ -11,14 +11,17 @@ import timm.models.deit as timm_deit
 import timm.models.eva as timm_eva
 import timm.models.metaformer as timm_metaformer
 import timm.models.swin_transformer as timm_swin
+import timm.models.swin_transformer_v2 as timm_swin_v2
 import timm.models.vision_transformer as timm_vit
+import timm.models.vision_transformer_relpos as timm_vit_relpos
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...nn import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d, UncenteredBatchNorm2d, gated,
                    gelu_gate, gelu_tanh_gate, hardswish_gate)
-from ...nn import SplitQKV
+from ...errors import ConversionError
+from ...nn import SplitQKV, SplitQKVConv
 from ...nn.act import quick_gelu_gate
 from ..report import REPLACED
 from .base import DESCEND, GATE, KEEP, REFUSE, REPLACE, Rule
@@ -91,9 +94,10 @@ def _star_relu(act: nn.Module, ctx: Context) -> nn.Module:
     return gated(core, lambda x: act.scale * F.relu(x), "star_relu")
 
 
-def _beit_attention(attn: nn.Module, ctx: Context) -> nn.Module:
-    """BEiT's attention: its ``qkv`` weight and separate q/k/v biases as one split ``qkv`` (q, k a gate, v B-cos),
-    which its forward then calls; the relative position bias stays on the attention logits (gate path)."""
+def _attention_with_qkv_biases(attn: nn.Module, ctx: Context) -> nn.Module:
+    """BEiT's and Swin V2's attention: the ``qkv`` weight and separate q/k/v biases as one split ``qkv`` (q, k a
+    gate, v B-cos), which the forward then calls; position biases (a table, Swin V2's continuous position bias MLP)
+    and the cosine attention's scale stay on the attention logits (gate path)."""
     base, convert_child = ctx.path, ctx.convert_child
     bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach()
     qkv = SplitQKV.from_weights(attn.qkv.weight.detach(), bias, lambda v: bcos_linear(v, ctx))
@@ -102,6 +106,35 @@ def _beit_attention(attn: nn.Module, ctx: Context) -> nn.Module:
     attn.qkv = qkv
     attn.q_bias = attn.k_bias = attn.v_bias = None  # its forward now calls qkv, biases included
     attn.proj = convert_child(attn.proj, "proj")
+    return attn
+
+
+def _relpos_attention(attn: nn.Module, ctx: Context) -> nn.Module:
+    """A ViT attention whose relative position module (called for a bias, never on the input) stays as it is."""
+    rel_pos = attn.rel_pos
+    del attn.rel_pos
+    try:
+        attention(attn, ctx)
+    finally:
+        attn.rel_pos = rel_pos
+    return attn
+
+
+def _conv_attention(attn: nn.Module, ctx: Context) -> nn.Module:
+    """MaxViT/CoAtNet's ``Attention2d``: its 1x1 ``qkv`` convolution split (q, k a gate; v B-cos, in the fused
+    channel order), ``proj`` converted; the relative position module (a bias on the logits) stays as it is."""
+    conv = attn.qkv
+    if type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or conv.groups != 1:
+        raise ConversionError(f"{ctx.path}.qkv: expected a 1x1 Conv2d, got {conv}")
+    part = torch.arange(conv.out_channels, device=conv.weight.device)
+    if attn.head_first:  # (heads, [q, k, v], dim_head)
+        value_channels = (part // attn.dim_head) % 3 == 2
+    else:  # ([q, k, v], heads, dim_head)
+        value_channels = part >= 2 * conv.out_channels // 3
+    qkv = SplitQKVConv.from_conv(conv, value_channels, lambda v: bcos_conv(v, ctx))
+    ctx.report.add(f"{ctx.path}.qkv", conv, REPLACED, qkv, "q, k kept (gate, detached in explanation mode); v B-cos")
+    attn.qkv = qkv
+    attn.proj = ctx.convert_child(attn.proj, "proj")
     return attn
 
 
@@ -132,8 +165,13 @@ _CONTAINERS = (
     timm_vit.Block, timm_vit.ResPostBlock, timm.layers.PatchEmbed,
     timm_swin.SwinTransformer, timm_swin.SwinTransformerStage, timm_swin.SwinTransformerBlock,
     timm_swin.PatchMerging,
-    # children appended to a list given by the caller, then concatenated (a side effect no graph shows)
-    timm.models.vovnet.SequentialAppendList,
+    # read by hand: linear glue whose forwards torch.fx cannot trace (lists of tensors in and out, indexed or
+    # filled in place; a forward chosen per instance)
+    timm.models.vovnet.SequentialAppendList,  # children appended to the caller's list, then concatenated
+    timm.models.hrnet.HighResolutionModule,  # branches, then sums of resampled branches and a ReLU
+    timm.models.selecsls.SelecSlsBlock,  # convolutions and concatenations over a list of two tensors
+    timm.models.fasternet.Partial_conv3,  # a convolution over the first channels, the rest passed on
+    timm.models.mobilenetv5.MobileNetV5MultiScaleFusionAdapter,  # resize, concatenate, a block, pool
 )
 
 _KEPT = (timm.layers.SelectAdaptivePool2d, timm.layers.DropPath, timm.layers.LayerScale, timm.layers.PatchDropout,
@@ -154,8 +192,14 @@ RULES: dict[type, Rule] = {
     timm_swin.WindowAttention: Rule(GATE, attention, "attention matrix (relative position bias) a gate; v, "
                                                      "proj B-cos"),
     # known, and refused: their forwards read weights functionally or mix gate and value paths
-    timm_beit.Attention: Rule(GATE, _beit_attention, "attention matrix (relative position bias) a gate; v, proj "
-                                                     "B-cos"),
+    timm_beit.Attention: Rule(GATE, _attention_with_qkv_biases, "attention matrix (relative position bias) a "
+                                                                "gate; v, proj B-cos"),
+    timm_swin_v2.WindowAttention: Rule(GATE, _attention_with_qkv_biases, "cosine attention (continuous position "
+                                                                         "bias) a gate; v, proj B-cos"),
+    timm.models.maxxvit.Attention2d: Rule(GATE, _conv_attention, "attention matrix (relative position bias) a "
+                                                                 "gate; v, proj B-cos"),
+    timm_vit_relpos.RelPosAttention: Rule(GATE, _relpos_attention, "attention matrix (relative position bias) a "
+                                                                   "gate; v, proj B-cos"),
     timm_eva.EvaAttention: Rule(REFUSE, note="reads q/k/v weights functionally (rotary embedding, q/v biases)"),
     timm.layers.AttentionPoolLatent: Rule(REFUSE, note="attention pooling with a learned query "
                                                        "(use global_pool='token' or 'avg')"),
