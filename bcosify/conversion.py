@@ -118,7 +118,7 @@ def _has_unruled_container(module: nn.Module, table: Mapping[type, Rule]) -> boo
 def _convert_prepared(network: nn.Module, config: BcosConfig, info, rules: Mapping[type, Rule] | None) -> BcosModel:
     """The conversion proper, of a network whose classifier and pooling are final and config resolved."""
     for path in info.first_layer_paths:
-        _encode_first_layer(network, path, config)
+        _encode_first_layer(network, path, config, info.first_layer_blocks.get(path, 1))
     network, report = convert_modules(network, config, info, rules)
     if config.padding_mode != "zeros":
         _set_padding(network, info.first_layer_paths, config)
@@ -139,9 +139,9 @@ def _set_padding(network: nn.Module, first_layer_paths: tuple[str, ...], config:
         conv.padding_mode = config.padding_mode
 
 
-def _encode_first_layer(network: nn.Module, path: str, config: BcosConfig) -> None:
-    """Replace a layer that takes the image by one over ``[x, 1 - x]`` with the normalization folded in; refuse one
-    that cannot take it."""
+def _encode_first_layer(network: nn.Module, path: str, config: BcosConfig, space_to_depth: int = 1) -> None:
+    """Replace a layer that takes the image (rearranged by a ``space_to_depth`` block size) by one over
+    ``[x, 1 - x]`` with the normalization folded in; refuse one that cannot take it."""
     first = network.get_submodule(path)
     if type(first) in PLAIN_CONVS:
         first = PLAIN_CONVS[type(first)](first)
@@ -149,7 +149,7 @@ def _encode_first_layer(network: nn.Module, path: str, config: BcosConfig) -> No
         raise ConversionError(f"the image goes into {path} ({type_name(first)}), which is not a convolution the input "
                               "normalization can be folded into (the image may only be zero-padded or resized before "
                               "its first convolutions)")
-    network.set_submodule(path, fold_input_normalization(first, config.mean, config.std))
+    network.set_submodule(path, fold_input_normalization(first, config.mean, config.std, space_to_depth))
 
 
 def _logit_bias(config: BcosConfig, num_classes: int) -> float:

@@ -74,24 +74,29 @@ def resolve_normalization(model: nn.Module, mean: Sequence[float] | None, std: S
     return mean, std, source
 
 
-def fold_input_normalization(conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float]) -> nn.Conv2d:
+def fold_input_normalization(conv: nn.Conv2d, mean: Sequence[float], std: Sequence[float],
+                             space_to_depth: int = 1) -> nn.Conv2d:
     """A copy of ``conv`` (same type) over ``[x, 1 - x]`` that computes ``conv((x - mean) / std)`` exactly,
-    zero borders included.
+    zero borders included. With ``space_to_depth`` (a block size), ``conv`` takes the image rearranged block-major
+    (channels ``(block row, block column, colour)``, timm's ``SpaceToDepth``), and the copy takes ``[x, 1 - x]``
+    rearranged the same way.
 
     Weights ``A_c = W_c (1 - mean_c) / std_c`` act on ``x_c`` and ``B_c = -W_c mean_c / std_c`` on
     ``1 - x_c``; a zero-padded tap gives 0 in both models. Computed in float64, stored in the conv's dtype.
     """
     if conv.groups != 1:
         raise ConversionError(f"the first layer must have groups=1 to fold the input normalization, got {conv.groups}")
-    c = conv.in_channels
-    if len(mean) != c or len(std) != c:
-        raise ConversionError(f"mean/std have {len(mean)}/{len(std)} values but the first layer takes {c} channels")
+    blocks = space_to_depth ** 2
+    c = conv.in_channels // blocks
+    if len(mean) != c or len(std) != c or c * blocks != conv.in_channels:
+        raise ConversionError(f"mean/std have {len(mean)}/{len(std)} values but the first layer takes {c} channels"
+                              + (f" (in {blocks} space-to-depth blocks)" if blocks > 1 else ""))
     w = conv.weight.detach()
-    m = torch.tensor(mean, dtype=torch.float64, device=w.device).view(1, c, 1, 1)
-    s = torch.tensor(std, dtype=torch.float64, device=w.device).view(1, c, 1, 1)
-    w64 = w.double()
+    m = torch.tensor(mean, dtype=torch.float64, device=w.device).view(1, 1, c, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64, device=w.device).view(1, 1, c, 1, 1)
+    w64 = w.double().reshape(w.shape[0], blocks, c, *w.shape[2:])
+    folded = torch.cat([w64 * (1 - m) / s, -w64 * m / s], dim=2).reshape(w.shape[0], 2 * c * blocks, *w.shape[2:])
     new = copy.deepcopy(conv)
-    new.in_channels = 2 * c
-    new.weight = nn.Parameter(torch.cat([w64 * (1 - m) / s, -w64 * m / s], dim=1).to(w.dtype),
-                              requires_grad=conv.weight.requires_grad)
+    new.in_channels = 2 * c * blocks
+    new.weight = nn.Parameter(folded.to(w.dtype), requires_grad=conv.weight.requires_grad)
     return new

@@ -296,7 +296,7 @@ def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | No
     reading.graph = graph
     own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
     children = dict(module.named_modules())
-    walk = _Walk(own, children)
+    walk = _Walk(own, children, set(_example_args(module, shapes, {})[1]))
     for node in graph.nodes:
         walk.visit(node)
     on_value_path = walk.value_path(graph)
@@ -340,8 +340,9 @@ class _Walk:
     """Forward pass over a graph: the kind of every node (value, constant, gate), the gate sources, and the
     checks to apply to the nodes that turn out to be on the value path."""
 
-    def __init__(self, own: dict[str, torch.Tensor], children: dict[str, nn.Module]) -> None:
-        self.own, self.children = own, children
+    def __init__(self, own: dict[str, torch.Tensor], children: dict[str, nn.Module],
+                 plain_args: set[str] = frozenset()) -> None:
+        self.own, self.children, self.plain_args = own, children, plain_args
         self.kinds: dict[fx.Node, str] = {}
         self.sources: dict[fx.Node, set[str]] = {}  # own tensors each constant derives from
         self.gate_sources: list[fx.Node] = []
@@ -372,8 +373,8 @@ class _Walk:
     def visit(self, node: fx.Node) -> None:
         inputs = node.all_input_nodes
         kinds = [self.kind(a) for a in _flat_args(node)]
-        if node.op == "placeholder":
-            self.kinds[node] = VALUE
+        if node.op == "placeholder":  # an input tensor; a size or flag the caller passes is a constant
+            self.kinds[node] = CONST if str(node.target) in self.plain_args else VALUE
         elif node.op == "get_attr":
             self.kinds[node] = CONST
             self.sources[node] = {str(node.target)}

@@ -35,6 +35,9 @@ class Trace:
     #: call was given
     shapes: dict[int, dict] = field(default_factory=dict)
 
+    #: first-layer path -> block size, for a first layer that takes the image rearranged by a space-to-depth
+    first_layer_blocks: dict[str, int] = field(default_factory=dict)
+
     @property
     def first_layer_path(self) -> str:
         return self.first_layer_paths[0]
@@ -57,6 +60,15 @@ def _spatial_index(index) -> bool:
     full = slice(None)
     return len(index) >= 2 and index[1] == full and all(isinstance(i, slice) for i in index) and \
         Ellipsis not in index[2:]
+
+
+def _space_to_depth_block(module: nn.Module) -> int | None:
+    """The block size of timm's ``SpaceToDepth`` (channels ordered block-major: ``(block row, block column,
+    colour)``), which moves pixels without mixing them: the normalization folds through it."""
+    if type(module).__name__ == "SpaceToDepth" and type(module).__module__.startswith("timm.") and \
+            isinstance(getattr(module, "bs", None), int):
+        return module.bs
+    return None
 
 
 def _keeps_image(func, args, kwargs) -> bool:
@@ -170,16 +182,25 @@ def trace(model: nn.Module) -> Trace:
                                   if d is not None}
         if args and isinstance(args[0], torch.Tensor) and id(args[0]) in images and \
                 next(iter(module.children()), None) is None and type(module) not in _IMAGE_MODULES:
+            inside.append(module)  # (its own operations are its own)
+            if _space_to_depth_block(module) and id(args[0]) not in blocks:
+                return
             consumers.append(names[id(module)])
-            inside.append(module)
+            if id(args[0]) in blocks:
+                first_blocks[names[id(module)]] = blocks[id(args[0])]
         elif args and isinstance(args[0], torch.Tensor) and id(args[0]) in transformed and not inside:
             transforms.append(transformed[id(args[0])][1])
 
     def post_hook(module, args, out):
         if inside and inside[-1] is module:
             inside.pop()
+            block = _space_to_depth_block(module)
+            if block and isinstance(out, torch.Tensor) and not inside:
+                images[id(out)], blocks[id(out)] = out, block
 
     inside: list[nn.Module] = []
+    blocks: dict[int, int] = {}  # the image rearranged by a space-to-depth -> its block size
+    first_blocks: dict[str, int] = {}
     given: dict[int, dict] = {}  # per module: argument position or name -> whether it was given as None
     shapes: dict[int, dict] = {}
     handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()]
@@ -188,7 +209,8 @@ def trace(model: nn.Module) -> Trace:
         with eval_mode(model), torch.no_grad():
             error, first_error = None, None
             for in_chans, size in [(c, s) for c in _in_chans(model) for s in _input_sizes(model)]:
-                for store in (executed, consumers, images, transformed, transforms, given, shapes, inside):
+                for store in (executed, consumers, images, transformed, transforms, given, shapes, inside, blocks,
+                              first_blocks):
                     store.clear()
                 dummy = torch.rand(1, in_chans, size, size, dtype=param.dtype, device=param.device)
                 images[id(dummy)] = dummy
@@ -225,4 +247,4 @@ def trace(model: nn.Module) -> Trace:
             classifier_path = names[id(module)]
             break
     return Trace({id(m) for m in executed}, [names[id(m)] for m in executed], first_paths, in_chans,
-                 classifier_path, out.shape[1], size, given, shapes)
+                 classifier_path, out.shape[1], size, given, shapes, dict(first_blocks))

@@ -114,6 +114,36 @@ class BlurredPadded(nn.Module):
         return self.fc(torch.cat([y.mean((2, 3)), z.mean((2, 3))], 1))
 
 
+class _Partition(nn.Module):
+    """Windows of a size the caller passes as a plain number (torchvision MaxViT's ``WindowPartition``)."""
+
+    def forward(self, x, p: int):
+        B, C, H, W = x.shape
+        return x.reshape(B, C, H // p, p, W // p, p).permute(0, 1, 3, 5, 2, 4).reshape(B, C * p * p, H // p, W // p)
+
+
+class WindowsByArgument(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.part, self.fc = nn.Conv2d(3, 4, 3, padding=1), _Partition(), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.part(self.stem(x), 2).mean((2, 3)))
+
+
+class SpaceToDepthStem(nn.Module):
+    """TResNet's stem: the image rearranged into 4x4 blocks (timm's SpaceToDepth), then a convolution."""
+
+    def __init__(self):
+        super().__init__()
+        import timm.layers
+
+        self.s2d, self.conv, self.fc = timm.layers.SpaceToDepth(4), nn.Conv2d(48, 8, 3, padding=1), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(self.s2d(x))).mean((2, 3)))
+
+
 def _images(n: int = 2, size: int = 16) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
@@ -124,9 +154,9 @@ def _verified(bmodel) -> str:
 
 
 @pytest.mark.parametrize("make", [Glue, SqueezeExcite, TokenAttention, lambda: GatedUnit(False), lambda: GatedUnit(True),
-                                  BlurredPadded],
+                                  BlurredPadded, WindowsByArgument, SpaceToDepthStem],
                          ids=["glue", "squeeze-excite", "attention", "glu-module", "glu-functional",
-                              "padded-blurred-resized"])
+                              "padded-blurred-resized", "plain-number-argument", "space-to-depth-stem"])
 def test_linear_glue_converts_without_a_rule_and_is_exact(make):
     torch.manual_seed(0)
     original = make().double().eval()
