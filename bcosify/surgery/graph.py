@@ -302,7 +302,8 @@ def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | No
     on_value_path = walk.value_path(graph)
     for node in graph.nodes:  # a result nothing reads acts by a side effect (list.append, an in-place op)
         if node.op in ("call_function", "call_method", "call_module") and not node.users and \
-                walk.kind(node) != CONST and getattr(node.target, "__name__", "") not in _ASSERTIONS:
+                walk.kind(node) != CONST and getattr(node.target, "__name__", "") not in _ASSERTIONS and \
+                not _pure(node):
             reading.blocking.append(f"{_name(node)} at {_where(node)}: its result is not used, so it acts by a "
                                     "side effect (a list filled in place, an in-place operation) the graph cannot "
                                     "follow")
@@ -499,6 +500,14 @@ class _Walk:
         if numbers and node.target not in _JOINS:
             self.check(node, "block", f"adds the number {numbers[0]} to the value path, a constant no pixel "
                                       "accounts for")
+
+
+def _pure(node: fx.Node) -> bool:
+    """Whether ``node`` is an operation without side effects (an unused one is dead code, not a side effect)."""
+    if node.op == "call_method":
+        return node.target in (_LINEAR_METHODS | _META_METHODS) and not str(node.target).endswith("_")
+    return node.op == "call_function" and node.target in (_LINEAR_FUNCTIONS | _META_FUNCTIONS) and \
+        node.target not in (operator.iadd, operator.isub)
 
 
 #: checks with no result (torch's and the ones torch.fx inserts for arguments fixed while tracing)
