@@ -60,7 +60,7 @@ def test_saved_folder_layout_and_config(saved):
     bmodel, folder = saved
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
-    assert config["format_version"] == 2 and config["bcosify_version"] == bcosify.__version__
+    assert config["format_version"] == 3 and config["bcosify_version"] == bcosify.__version__
     saved_config = config["config"]
     assert saved_config["spec"] == "timm:resnet18" and saved_config["model_kwargs"] == {"num_classes": 5}
     assert saved_config["b"] == 1.75 and saved_config["mean"] == list(bmodel.config.mean)
@@ -150,9 +150,25 @@ def test_corrupted_config_and_newer_format(saved, tmp_path):
     _edit_config(broken, format_version=1, options=None)
     with pytest.raises(CheckpointError, match="lacks source, options"):
         bcosify.load(broken)
-    _edit_config(broken, format_version=2, config={"b": 2, "no_such_option": 1})
+    _edit_config(broken, format_version=3, config={"b": 2, "no_such_option": 1})
     with pytest.raises(CheckpointError, match="invalid config.*no_such_option"):
         bcosify.load(broken)
+
+
+def test_format_2_folders_still_load(saved, tmp_path):
+    """A folder written before the DAU and padding options (format 2, without those keys) loads with their
+    defaults."""
+    bmodel, folder = saved
+    old = _copy(folder, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("unit", "rank", "squash", "temperature", "padding_mode", "padding_layers"):
+        config["config"].pop(key, None)
+    (old / "config.json").write_text(json.dumps({**config, "format_version": 2}))
+    loaded = bcosify.load(old)
+    assert loaded.config == bmodel.config
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), bmodel(x))
 
 
 def test_format_1_folders_still_load(saved, tmp_path):
