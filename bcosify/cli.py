@@ -352,6 +352,9 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-map", choices=["positional"], help="for a spec: match checkpoint tensors by order")
     p.add_argument("--model-kwargs", type=json.loads, default={},
                    help="for a spec: JSON constructor arguments (added to the recipe's)")
+    p.add_argument("--unit", choices=list(UNITS),
+                   help="for a spec: alignment layers, B-cos or Dynamic Alignment Units (default: the recipe's, else bcos)")
+    p.add_argument("--rank", type=int, help="for a spec with --unit dau: rank of the dynamic part (default 32)")
     p.add_argument("--data", type=pathlib.Path,
                    help="ImageFolder root with train/ and val/ (one sub-folder of images per class); for a "
                         "fashion-mnist recipe: the folder of its IDX files")
@@ -411,10 +414,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         torch.manual_seed(config.seed)  # new layers (--weights none, a new classifier) start alike in every run
     model = args.model or recipe.model
     spec_only = [flag for flag, given in (("--weights", args.weights is not None), ("--key-map", args.key_map),
-                                          ("--model-kwargs", args.model_kwargs)) if given]
+                                          ("--model-kwargs", args.model_kwargs), ("--unit", args.unit),
+                                          ("--rank", args.rank is not None)) if given]
+    unit = {k: v for k, v in (("unit", args.unit), ("rank", args.rank)) if v is not None}
     bmodel, original = _load_or_convert(model, args.weights, args.key_map,
                                         {**recipe.model_kwargs, **args.model_kwargs},
-                                        spec_only, **{**recipe.convert, "num_classes": len(classes),
+                                        spec_only, **{**recipe.convert, **unit, "num_classes": len(classes),
                                                       "class_names": classes})
     if (bmodel.num_classes, bmodel.in_chans) != (len(classes), data.channels):
         raise ValueError(f"the model {model!r} takes {bmodel.in_chans} channels and has {bmodel.num_classes} "

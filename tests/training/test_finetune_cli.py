@@ -322,3 +322,21 @@ def test_align_under_ddp(tmp_path):
     assert result.stdout.count("fine-tuned timm:vit_tiny_patch16_224 for 1 epochs") == 1
     record = json.loads((tmp_path / "ddp" / "rank0" / "run" / "metrics.jsonl").read_text())
     assert 0 < record["loss"] < 2 and record["updates"] == 4
+
+
+def test_finetune_a_dau_model_from_a_spec(tmp_path, one_thread):
+    """``--unit dau --rank R``: the spec is converted to DAU layers, fine-tuned (the dynamic part moves) and saved
+    with its unit; the saved model explains its logits exactly."""
+    data = _image_folder(tmp_path / "data", {"train": ["cat", "dog"], "val": ["cat", "dog"]}, n=4)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: tiny\nmodel: timm:resnet10t\ndata: {dataset: image-folder, size: 32, batch_size: 8, "
+                      "augment: false}\nconvert: {b: 2.0}\nfinetune: {epochs: 1, lr: 1.0e-3, agc_clip: null}\n")
+    assert main(["finetune", str(recipe), "--data", str(data), "--weights", "none", "--no-progress", "--unit", "dau",
+                 "--rank", "2", "--out", str(tmp_path / "run")]) == 0
+    bmodel = bcosify.load(tmp_path / "run" / "model")
+    assert bmodel.config.unit == "dau" and bmodel.config.rank == 2
+    dynamic = [p for name, p in bmodel.named_parameters() if name.endswith(".weight_b")]
+    assert dynamic and any(bool(p.any()) for p in dynamic), "the dynamic part was not trained"
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    e = bcosify.explain(bmodel.double(), x)
+    assert e.completeness_error.max() < 1e-6
