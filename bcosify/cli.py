@@ -469,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BcosifyError, ValueError, TypeError, OSError) as e:
         if args.debug:
             raise
-        print(f"bcosify {args.command}: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"bcosify {args.command}: error: {e}\n")  # one write: processes of a run share stderr
+        sys.stderr.flush()
         return 1
 
 
