@@ -243,10 +243,12 @@ def test_sync_batchnorm_conversion_leaves_a_converted_model_alone():
     assert isinstance(nn.SyncBatchNorm.convert_sync_batchnorm(original)[1], nn.SyncBatchNorm)
     with pytest.raises(bcosify.ConversionError, match="SyncBatchNorm"):
         bcosify.convert(original, mean=0.5, std=0.25)
-    # a BatchNorm that conversion cannot make uncentred is refused, not left for convert_sync_batchnorm to find
+    # a BatchNorm1d becomes uncentred too, and convert_sync_batchnorm leaves it alone as well
     head_bn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(4), nn.Linear(4, 2))
-    with pytest.raises(bcosify.ConversionError, match="BatchNorm1d"):
-        bcosify.convert(head_bn, mean=0.5, std=0.25)
+    converted = bcosify.convert(head_bn, mean=0.5, std=0.25)
+    types = {name: type(m) for name, m in converted.named_modules()}
+    assert {name: type(m) for name, m in nn.SyncBatchNorm.convert_sync_batchnorm(converted).named_modules()} == types
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in converted.modules())
 
 
 def _error(capsys, *args) -> str:
