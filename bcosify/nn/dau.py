@@ -141,6 +141,15 @@ class _Dau(DetachableModule):
         self.register_buffer("gain", _init_gain(self.weight.detach().flatten(1), self.squash, self.eps))
 
     @torch.no_grad()
+    @torch.no_grad()
+    def _take_weights(self, module: nn.Module):
+        """``module``'s weight as the static weights (and its bias, if this layer keeps one) and its mode."""
+        self.weight.copy_(module.weight)
+        self.reset_gain()
+        if self.bias is not None:
+            self.bias.copy_(module.bias)
+        return self.train(module.training)
+
     def reset_gain(self) -> None:
         """Set each unit's gain to undo the squashing of its static weight ``b_j`` (with ``B = 0`` the layer then
         computes ``b_j^T p``)."""
@@ -219,13 +228,7 @@ class DauConv2d(nn.Conv2d, _Dau):
         new = cls(*conv_geometry(conv), bias=keep_bias and conv.bias is not None, rank=rank, squash=squash,
                   same_padding=same_padding, eps=eps, generator=torch.Generator().manual_seed(seed),
                   device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(conv.weight)
-            new.reset_gain()
-            if new.bias is not None:
-                new.bias.copy_(conv.bias)
-        new.train(conv.training)
-        return new
+        return new._take_weights(conv)
 
     def basis(self, x: torch.Tensor) -> torch.Tensor:
         """``h = A p`` for every patch of ``x`` (after any 'SAME' padding): ``(N, groups * rank, H_out, W_out)``."""
@@ -266,13 +269,7 @@ class DauLinear(nn.Linear, _Dau):
         new = cls(linear.in_features, linear.out_features, bias=keep_bias and linear.bias is not None, rank=rank,
                   squash=squash, eps=eps, generator=torch.Generator().manual_seed(seed),
                   device=linear.weight.device, dtype=linear.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(linear.weight)
-            new.reset_gain()
-            if new.bias is not None:
-                new.bias.copy_(linear.bias)
-        new.train(linear.training)
-        return new
+        return new._take_weights(linear)
 
     def basis(self, x: torch.Tensor) -> torch.Tensor:
         """``h = A x``: ``(..., rank)``."""
