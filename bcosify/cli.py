@@ -8,7 +8,7 @@ import pathlib
 import sys
 from typing import Callable, Sequence
 
-from .config import SQUASHES, UNITS
+from .config import PADDING_LAYERS, PADDING_MODES, SQUASHES, UNITS
 from .errors import BcosifyError
 
 
@@ -55,6 +55,14 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gap-reorder", action="store_true", help="classifier as 1x1 conv before global pooling")
     p.add_argument("--token-pool", choices=["mean"], default=None,
                    help="ViTs: classify the mean of the patch tokens instead of the class token")
+    p.add_argument("--padding-mode", choices=list(PADDING_MODES), default="zeros",
+                   help="how the first (or every, --padding-layers all) convolution pads; constant: the colour "
+                        "--padding-value (default: the normalization mean), explained as a constant")
+    p.add_argument("--padding-layers", choices=list(PADDING_LAYERS), default="first")
+    p.add_argument("--padding-value", type=float, nargs="+", metavar="V",
+                   help="--padding-mode constant: the padding colour in [0, 1] per channel, e.g. 0 for black")
+    p.add_argument("--center-grid", action="store_true",
+                   help="shift the last stride-2 downsampling by one so the output grid is centred on the image")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON constructor arguments, e.g. \'{"in_chans": 1}\'')
     _add_calibration_arguments(p, size=True)
 
@@ -93,7 +101,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
                              squash=args.squash, temperature=args.temperature, keep_bias=args.keep_bias, mean=args.mean,
                              std=args.std, normalize_weights=args.normalize_weights,
                              maxpool_to_avgpool=args.maxpool_to_avgpool, gap_reorder=args.gap_reorder,
-                             token_pool=args.token_pool, calibrate=images)
+                             token_pool=args.token_pool, padding_mode=args.padding_mode,
+                             padding_layers=args.padding_layers, padding_value=args.padding_value,
+                             center_grid=args.center_grid, calibrate=images)
     bcosify.save(bmodel, args.out)
     counts = ", ".join(f"{n} {a}" for a, n in bmodel.report.counts().items())
     calibrated = f"; calibrated on {len(images)} images from {args.calibrate_data}" if images is not None else ""

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Sequence
 
 TOKEN_POOLS = (None, "mean")
-PADDING_MODES = ("zeros", "replicate", "reflect")  # as bcosify.nn.bcos.PADDING_MODES
+PADDING_MODES = ("zeros", "replicate", "reflect", "constant")  # as bcosify.nn.bcos.PADDING_MODES
 PADDING_LAYERS = ("first", "all")
 #: the alignment units a model can be converted to: B-cos layers, or Dynamic Alignment Units (CoDA-Nets)
 UNITS = ("bcos", "dau")
@@ -93,9 +93,23 @@ class BcosConfig(Options):
             linear map of the input: padded taps' contributions go to the pixels they copy), but the function
             changes at the border (fine-tune after). ``"reflect"`` needs feature maps larger than the padding.
             Measured on the Fashion-MNIST demo it does not remove the border signal: the network draws on the
-            edge pixels the padding copies instead (README, "The border signal").
+            edge pixels the padding copies instead (README, "The border signal"). ``"constant"`` (first layer
+            only) pads the image with the colour ``padding_value``: encoded as ``[v, 1 - v]`` like every pixel, and
+            explained as a constant (its share is in ``constant_contribution``, not in any pixel).
         padding_layers: ``"first"`` (the layer that takes the image) or ``"all"`` B-cos convolutions take
             ``padding_mode``.
+        center_grid: shift the last stride-2 downsampling of a convolutional network by one position, so that
+            its output grid is centred on the image. An odd kernel with symmetric padding and stride 2 centres
+            output ``i`` on input ``2 i``: on even sizes each such layer leaves the grid half a step towards the
+            top-left, and a ResNet with total stride 32 puts its last grid 15.5 pixels off centre (at 32 px its one
+            output position sits on the top-left pixel, and explanations pile up there). Shifting the last
+            stride-2 layers (every branch of that stage) by one moves the grid by half the total stride: 0.5 px off
+            centre. B-cos only; changes the function (fine-tune after); input sizes divisible by the total stride.
+        padding_value: with ``padding_mode="constant"``, the padding colour in ``[0, 1]`` per input channel
+            (one value is repeated). Default (resolved at conversion): the normalization mean, the colour the
+            original model's zero padding of normalized images stands for, so ``b=1`` with biases still computes
+            the original exactly. The background colour (e.g. ``0`` for black) makes the padding look like the
+            background, so the border is no edge the network can detect in the first layer.
         strict: refuse unknown modules on the value path (``False`` leaves them and reports them).
         class_names: optional names of the output classes.
         in_chans: input color channels (resolved from the model).
@@ -122,6 +136,8 @@ class BcosConfig(Options):
     token_pool: str | None = None
     padding_mode: str = "zeros"
     padding_layers: str = "first"
+    padding_value: tuple[float, ...] | None = None
+    center_grid: bool = False
     strict: bool = True
     class_names: tuple[str, ...] | None = None
     in_chans: int | None = None
@@ -152,6 +168,16 @@ class BcosConfig(Options):
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {self.padding_mode!r}")
         if self.padding_layers not in PADDING_LAYERS:
             raise ValueError(f"padding_layers must be one of {PADDING_LAYERS}, got {self.padding_layers!r}")
+        if self.padding_value is not None:
+            if self.padding_mode != "constant":
+                raise ValueError(f"padding_value applies to padding_mode='constant' only, got "
+                                 f"padding_mode={self.padding_mode!r}")
+            self.padding_value = _float_tuple("padding_value", self.padding_value)
+            if not all(0 <= v <= 1 for v in self.padding_value):
+                raise ValueError(f"padding_value is a colour in [0, 1] per channel, got {self.padding_value}")
+        if self.padding_mode == "constant" and self.padding_layers != "first":
+            raise ValueError("padding_mode='constant' pads the image (a colour), so it applies to "
+                             "padding_layers='first' only")
         for name in ("num_classes", "in_chans"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
@@ -178,7 +204,8 @@ class BcosConfig(Options):
             return
         given = ([f"b={self.b:g}"] if self.b != DEFAULT_B else []) + \
             (["normalize_weights=True"] if self.normalize_weights else []) + \
-            ([f"padding_mode={self.padding_mode!r}"] if self.padding_mode != "zeros" else [])
+            ([f"padding_mode={self.padding_mode!r}"] if self.padding_mode != "zeros" else []) + \
+            (["center_grid=True"] if self.center_grid else [])
         if given:
             raise ValueError(f"{' and '.join(given)}: {'B-cos options' if len(given) > 1 else 'a B-cos option'} that "
                              "unit='dau' does not have (DAU layers have no alignment exponent and keep the pretrained "

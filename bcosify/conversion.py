@@ -14,7 +14,7 @@ from .errors import ConversionError
 from .model import BcosModel
 from .nn import BcosConv2d, fold_input_normalization, resolve_normalization
 from .surgery.engine import convert_modules, replace_classifier
-from .surgery.report import type_name
+from .surgery.report import CONSTANT, SHIFTED, ConversionReport, type_name
 from .surgery.rules import DESCEND, FIRST_LAYER_TYPES, PLAIN_CONVS, RULES, Rule
 from .surgery.trace import trace
 from .training.calibration import calibrate as calibrate_model
@@ -89,6 +89,13 @@ def convert(model: nn.Module | str, config: BcosConfig | None = None, *, weights
 
         reorder_classifier_before_pooling(network, info)
         info = trace(network)
+    if config.padding_mode == "constant":  # the padding colour: the normalization mean unless given
+        value = config.padding_value or mean
+        if len(value) == 1 and len(mean) > 1:
+            value = value * len(mean)
+        if len(value) != len(mean):
+            raise ConversionError(f"padding_value has {len(value)} values but the model takes {len(mean)} channels")
+        config = config.replace(padding_value=value)
     config = config.replace(mean=mean, std=std, normalization_from=norm_from, num_classes=num_classes,
                             in_chans=info.in_chans, logit_bias=_logit_bias(config, num_classes),
                             model_class=config.model_class or type_name(model if isinstance(model, nn.Module)
@@ -121,11 +128,51 @@ def _convert_prepared(network: nn.Module, config: BcosConfig, info, rules: Mappi
         _encode_first_layer(network, path, config, info.first_layer_blocks.get(path, 1))
     network, report = convert_modules(network, config, info, rules)
     if config.padding_mode != "zeros":
-        _set_padding(network, info.first_layer_paths, config)
+        _set_padding(network, info.first_layer_paths, config, report)
+    if config.center_grid:
+        _center_grid(network, config, info.size, report)
     return BcosModel(network, config, report)
 
 
-def _set_padding(network: nn.Module, first_layer_paths: tuple[str, ...], config: BcosConfig) -> None:
+#: modules that downsample by a stride (the grid shift handles convolutions only)
+_STRIDED = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)
+
+
+def _center_grid(network: nn.Module, config: BcosConfig, size: int, report: ConversionReport) -> None:
+    """Shift the last stride-2 layers by one position (``config.center_grid``); refuse what it cannot shift."""
+    seen: list[tuple[str, nn.Module, int]] = []  # (path, module, input height)
+    handles = [m.register_forward_pre_hook(lambda m, args, path=path: seen.append((path, m, args[0].shape[-2])))
+               for path, m in network.named_modules() if isinstance(m, _STRIDED)]
+    weight = next(network.parameters())
+    try:
+        with torch.no_grad():
+            network(torch.zeros(1, 2 * config.in_chans, size, size, dtype=weight.dtype, device=weight.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def stride(m: nn.Module) -> int:
+        s = m.stride if isinstance(m.stride, (tuple, list)) else (m.stride, m.stride)
+        return max(s)
+
+    strided = [(path, m, h) for path, m, h in seen if stride(m) > 1]
+    if not strided:
+        raise ConversionError("center_grid=True needs a network that downsamples with strided convolutions; "
+                              "this one has none")
+    smallest = min(h for _, _, h in strided)
+    last = [(path, m) for path, m, h in strided if h == smallest]
+    for path, m in last:
+        if not isinstance(m, BcosConv2d) or m.same_padding or stride(m) != 2:
+            raise ConversionError(f"center_grid=True shifts the last downsampling, and {path} "
+                                  f"({type_name(m)}, stride {stride(m)}) is part of it: only stride-2 B-cos "
+                                  "convolutions with explicit padding can be shifted")
+    for path, m in last:
+        m.set_grid_shift(1)
+        report.add(path, m, SHIFTED, note="center_grid: samples one position later (output grid centred)")
+
+
+def _set_padding(network: nn.Module, first_layer_paths: tuple[str, ...], config: BcosConfig,
+                 report: ConversionReport) -> None:
     """Give the first (or every) B-cos convolution ``config.padding_mode``."""
     if config.padding_layers == "first":
         convs = [network.get_submodule(path) for path in first_layer_paths]
@@ -135,8 +182,18 @@ def _set_padding(network: nn.Module, first_layer_paths: tuple[str, ...], config:
                                       f"{path} is a {type(first).__name__}")
     else:
         convs = [m for m in network.modules() if isinstance(m, BcosConv2d)]
-    for conv in convs:
-        conv.padding_mode = config.padding_mode
+    if config.padding_mode != "constant":
+        for conv in convs:
+            conv.set_padding(config.padding_mode)
+        return
+    colour = torch.tensor(config.padding_value, dtype=torch.float64)
+    for path, conv in zip(first_layer_paths, convs):
+        if conv.in_channels != 2 * len(colour):
+            raise ConversionError(f"padding_mode='constant' needs a first layer over the [x, 1 - x] image; {path} "
+                                  f"takes {conv.in_channels} channels (a space-to-depth stem is not supported)")
+        conv.set_padding("constant", torch.cat([colour, 1 - colour]))
+        report.add(f"{path}.padding_value", conv.padding_value, CONSTANT,
+                   note="padding colour [v, 1 - v] of the encoded image, explained as constant_contribution")
 
 
 def _encode_first_layer(network: nn.Module, path: str, config: BcosConfig, space_to_depth: int = 1) -> None:

@@ -70,6 +70,7 @@ def _parse(argv=None) -> argparse.Namespace:
                    help="border signal of several demo outputs (e.g. zeros=... replicate=...)")
     p.add_argument("--layer-origin", type=pathlib.Path, metavar="DEMO_DIR",
                    help="per-layer origin of the border signal of a zero-padded demo model")
+    p.add_argument("--label", help="name this run's B-cos row METHOD@LABEL (another B-cos model next to the first)")
     p.add_argument("--table", type=pathlib.Path, help="print the markdown table of a result JSON and exit")
     p.add_argument("--merge", type=pathlib.Path, nargs="+", metavar="JSON",
                    help="merge the method rows of result JSONs (runs split over processes) into --out and exit")
@@ -311,6 +312,10 @@ def border_report(variants: list[str], cache_dir: pathlib.Path, recipe: str, ima
             "on_garment_share_mean": ((x[:, 0].double() > GARMENT) * positive).flatten(1).sum(1).div(
                 positive.flatten(1).sum(1).clamp_min(1e-300)).mean().item(),
             "border_positive_from_1_minus_x": from_complement,
+            "center_grid": bmodel.config.center_grid, "padding_value": bmodel.config.padding_value,
+            # the padding colour's part of the explained logit (0 unless padding_mode="constant")
+            "constant_share_of_logit_mean": (e.constant_contribution / e.explained_logit).mean().item(),
+            "gridpg_2x2_demo": summary.get("gridpg_2x2", {}).get("bcos"),
             "completeness_error_max": e.completeness_error.max().item()}
         print(f"{name}: accuracy {summary['bcosified_accuracy']:.2%}, border share {share.mean().item():.1%} "
               f"(outer {BORDER_PX} px = {1 - (28 / 32) ** 2:.1%} of the area), top-left {CORNER_PX}x{CORNER_PX} "
@@ -377,8 +382,9 @@ def table(results: dict[str, Any]) -> str:
     for name, row in results["methods"].items():
         cells = [(f"{row[k]['mean']:.3f}" + (f" ({row[k]['grids']} grids)" if row[k].get("grids", 100) != 100 else ""))
                  if k in row else "–" for k, _ in columns]
-        model = "B-cosified (fine-tuned)" if name == "bcos" else "original"
-        rows.append(f"| {method_name(name)} | {model} | " + " | ".join(cells) + " |")
+        method, _, label = name.partition("@")
+        model = "original" if method != "bcos" else f"B-cosified, {label}" if label else "B-cosified (fine-tuned)"
+        rows.append(f"| {method_name(method)} | {model} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -437,7 +443,7 @@ def main(argv=None) -> int:
         parts.append(quantus_metrics(bmodel, original, methods, x, y, which, args.ig_steps))
     for part in parts:
         for name, values in part.items():
-            rows.setdefault(name, {}).update(values)
+            rows.setdefault(f"{name}@{args.label}" if args.label and name == "bcos" else name, {}).update(values)
     shown = torch.cat([torch.nonzero(y == k)[:1, 0] for k in range(10)])[:6]
     columns = {method_name(k): _attribute(m, x[shown], y[shown]) for k, m in methods.items()}
     pic = picture(args.picture or DOCS / "faithfulness_methods.png", x[shown], y[shown], columns, classes)

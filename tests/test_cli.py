@@ -26,7 +26,8 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def converted(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "r18"
     result = run("convert", "timm:resnet18", "--weights", "none", "--num-classes", "3", "--b", "1.5",
-                 "--model-kwargs", '{"drop_rate": 0.1}', "--out", str(out))
+                 "--model-kwargs", '{"drop_rate": 0.1}', "--padding-mode", "constant", "--padding-value", "0",
+                 "--center-grid", "--out", str(out))
     assert "saved to" in result.stdout
     return out
 
@@ -35,11 +36,15 @@ def test_convert_then_info(converted):
     config = json.loads((converted / "config.json").read_text())
     assert config["config"]["b"] == 1.5 and config["config"]["num_classes"] == 3
     assert config["config"]["model_kwargs"] == {"drop_rate": 0.1}
+    assert (config["config"]["padding_mode"], config["config"]["padding_value"]) == ("constant", [0.0, 0.0, 0.0])
+    assert config["config"]["center_grid"]
     info = run("info", str(converted)).stdout
     assert "timm:resnet18" in info and "BcosConv2d" in info and "first layer" in info
     as_json = json.loads(run("info", str(converted), "--json").stdout)
     assert as_json["config"] == config["config"]
-    assert bcosify.load(converted).num_classes == 3
+    loaded = bcosify.load(converted)
+    assert loaded.num_classes == 3 and loaded.constants == ["conv1.padding_value"]
+    assert loaded.network.layer4[0].conv1.grid_shift == 1
 
 
 def test_convert_to_dau_layers(tmp_path):

@@ -25,6 +25,7 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 #: 3: the config may hold options format-2 readers do not know (unit, rank, squash, temperature, padding_mode,
+#: padding_value,
 #: padding_layers), so they say "newer bcosify" instead of "invalid config"; format 2 reads as is (defaults)
 FORMAT_VERSION = 3
 _REQUIRED_KEYS = {1: ("source", "options", "in_chans", "num_classes", "logit_bias"), 2: ("config",), 3: ("config",)}

@@ -7,6 +7,7 @@ At ``b == 1`` the layers compute exactly the plain convolution / linear map they
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -181,7 +182,8 @@ def conv_patch_sq_norms(
     return F.conv2d(sq, ones, None, stride, padding, dilation, groups=sq.shape[1])
 
 
-def _pad_same(x: torch.Tensor, kernel_size, stride, dilation, mode: str = "zeros") -> torch.Tensor:
+def _pad_same(x: torch.Tensor, kernel_size, stride, dilation, mode: str = "zeros",
+              value: torch.Tensor | None = None) -> torch.Tensor:
     """Pad ``x`` like TensorFlow's 'SAME' (as timm's ``Conv2dSame``), with zeros or with ``mode``."""
     pads = []
     for size, k, s, d in zip(x.shape[-2:], kernel_size, stride, dilation):
@@ -189,18 +191,22 @@ def _pad_same(x: torch.Tensor, kernel_size, stride, dilation, mode: str = "zeros
         pads.append((total // 2, total - total // 2))
     (top, bottom), (left, right) = pads
     if top or bottom or left or right:
-        x = _pad(x, (left, right, top, bottom), mode)
+        x = _pad(x, (left, right, top, bottom), mode, value)
     return x
 
 
-#: how a :class:`BcosConv2d` pads its input: ``zeros`` (as converted), or a copy of the nearest (``replicate``)
-#: or mirrored (``reflect``) input pixels, which makes a uniform region look the same at the border
-PADDING_MODES = ("zeros", "replicate", "reflect")
+#: how a :class:`BcosConv2d` pads its input: ``zeros`` (as converted), a copy of the nearest (``replicate``)
+#: or mirrored (``reflect``) input pixels, which makes a uniform region look the same at the border, or a
+#: fixed value per input channel (``constant``: the layer's ``padding_value``, a constant of the explanation)
+PADDING_MODES = ("zeros", "replicate", "reflect", "constant")
 
 
-def _pad(x: torch.Tensor, pad: tuple[int, int, int, int], mode: str) -> torch.Tensor:
+def _pad(x: torch.Tensor, pad: tuple[int, int, int, int], mode: str,
+         value: torch.Tensor | None = None) -> torch.Tensor:
     if mode == "zeros":
         return F.pad(x, pad)
+    if mode == "constant":  # value (1 or N, C, 1, 1) in the padding, x inside: linear in x and in value
+        return F.pad(x - value, pad) + value
     if mode == "reflect" and (max(pad[:2]) >= x.shape[-1] or max(pad[2:]) >= x.shape[-2]):
         raise ValueError(f"reflect padding by {pad} (left, right, top, bottom) needs an input larger than the "
                          f"padding, got {x.shape[-2]}x{x.shape[-1]}; use padding_mode='replicate'")
@@ -213,7 +219,9 @@ class BcosConv2d(nn.Conv2d, DetachableModule):
     ``same_padding=True`` pads dynamically like TensorFlow's 'SAME' (timm's ``Conv2dSame``).
     ``padding_mode`` (:data:`PADDING_MODES`): ``"zeros"`` as the converted conv; ``"replicate"``/``"reflect"``
     pad with input pixels instead, a linear map of the input (so the layer stays dynamic linear and
-    contributions of padded taps belong to the pixels they copy) that changes the function at the border.
+    contributions of padded taps belong to the pixels they copy) that changes the function at the border;
+    ``"constant"`` (set with :meth:`set_padding`) pads channel ``c`` with ``padding_value[c]``, a frozen
+    parameter that the explanation counts as a constant (its contribution is the padded taps').
     ``normalize_weights=True`` uses unit-norm weight rows (B-cos v2); default keeps ``w`` as is.
     """
 
@@ -221,8 +229,9 @@ class BcosConv2d(nn.Conv2d, DetachableModule):
                  groups: int = 1, bias: bool = False, *, b: float = 2.0, normalize_weights: bool = False,
                  same_padding: bool = False, padding_mode: str = "zeros", eps: float = DEFAULT_EPS, device=None,
                  dtype=None) -> None:
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if padding_mode not in PADDING_MODES[:3]:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES[:3]}, got {padding_mode!r} "
+                             "(constant padding: set_padding('constant', value))")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode=padding_mode, device=device, dtype=dtype)
         if isinstance(self.padding, str):
@@ -231,6 +240,7 @@ class BcosConv2d(nn.Conv2d, DetachableModule):
         self.normalize_weights = normalize_weights
         self.same_padding = same_padding
         self.eps = eps
+        self.grid_shift = 0  # see set_grid_shift
 
     @classmethod
     def from_module(cls, conv: nn.Conv2d, b: float = 2.0, normalize_weights: bool = False, *,
@@ -246,6 +256,33 @@ class BcosConv2d(nn.Conv2d, DetachableModule):
         new.train(conv.training)
         return new
 
+    def set_padding(self, mode: str, value: Sequence[float] | None = None) -> None:
+        """Pad with ``mode`` from now on; ``"constant"`` takes one ``value`` per input channel, kept as the frozen
+        parameter ``padding_value`` (saved with the weights)."""
+        if mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {mode!r}")
+        if (mode == "constant") != (value is not None):
+            raise ValueError("padding_mode='constant' needs a value per input channel, and only it takes one")
+        self.padding_mode = mode
+        self._parameters.pop("padding_value", None)
+        if value is not None:
+            value = torch.as_tensor(value, dtype=self.weight.dtype, device=self.weight.device).flatten()
+            if value.numel() != self.in_channels:
+                raise ValueError(f"padding_value needs {self.in_channels} values (one per input channel), "
+                                 f"got {value.numel()}")
+            self.padding_value = nn.Parameter(value.view(1, -1, 1, 1), requires_grad=False)
+
+    def set_grid_shift(self, shift: int) -> None:
+        """Sample the input ``shift`` positions later in both directions (output ``i`` centred on input
+        ``stride * i + shift`` instead of ``stride * i``): the padding before shrinks by ``shift`` (a negative
+        padding crops) and the padding after grows by as much. Output sizes stay the same when the stride exceeds
+        ``shift``. Linear in the input: the layer stays dynamic linear."""
+        if self.same_padding:
+            raise ValueError("a grid shift needs explicit padding, not same_padding")
+        if not 0 <= shift < min(self.stride):
+            raise ValueError(f"the grid shift must lie in [0, stride), got {shift} for stride {self.stride}")
+        self.grid_shift = int(shift)
+
     def effective_weight(self) -> torch.Tensor:
         """The weight used in the forward pass (unit-norm rows when ``normalize_weights``)."""
         if not self.normalize_weights:
@@ -254,10 +291,16 @@ class BcosConv2d(nn.Conv2d, DetachableModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode, padding = self.padding_mode, self.padding
+        value = self.padding_value if mode == "constant" else None
         if self.same_padding:
-            x = _pad_same(x, self.kernel_size, self.stride, self.dilation, mode)
+            x = _pad_same(x, self.kernel_size, self.stride, self.dilation, mode, value)
+        elif self.grid_shift:  # one position later: less padding (or a crop) before, more after
+            left, right, top, bottom = self._reversed_padding_repeated_twice
+            t = self.grid_shift
+            x = _pad(x, (left - t, right + t, top - t, bottom + t), mode, value)
+            padding = (0, 0)
         elif mode != "zeros" and any(padding):
-            x = _pad(x, self._reversed_padding_repeated_twice, mode)
+            x = _pad(x, self._reversed_padding_repeated_twice, mode, value)
             padding = (0, 0)
         out = F.conv2d(x, self.effective_weight(), None, self.stride, padding, self.dilation, self.groups)
         if self.b != 1:
@@ -273,6 +316,8 @@ class BcosConv2d(nn.Conv2d, DetachableModule):
             extra += ", normalize_weights=True"
         if self.same_padding:
             extra += ", same_padding=True"
+        if self.grid_shift:
+            extra += f", grid_shift={self.grid_shift}"
         return super().extra_repr() + extra  # nn.Conv2d's names padding_mode when it is not zeros
 
 

@@ -15,6 +15,7 @@ UNUSED = "unused"
 VERIFIED = "verified"  # the conversion-time verification (equivalence and completeness errors in the note)
 READ = "read"  # a container without a rule whose forward was read from its graph and found exact
 CONSTANT = "constant"  # a parameter added to the value path as a constant (explained per sample)
+SHIFTED = "shifted"  # a strided layer that samples one position later (``center_grid``)
 
 
 def type_name(obj: object) -> str:

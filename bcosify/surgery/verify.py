@@ -43,9 +43,9 @@ def _verify(prepared: nn.Module, config: BcosConfig, size: int, convert, x: torc
     reference = copy_module(prepared).double().eval()
     # the surgery alone: the options that change the function on purpose are off
     plain = dict(b=1.0, normalize_weights=False) if config.unit == "bcos" else {}  # (a DAU layer starts plain)
-    exact = convert(copy_module(reference), config.replace(keep_bias=True, logit_bias=0.0, temperature=1.0,
-                                                           maxpool_to_avgpool=False, padding_mode="zeros",
-                                                           **plain)).eval()
+    exact = convert(copy_module(reference), config.replace(
+        keep_bias=True, logit_bias=0.0, temperature=1.0, maxpool_to_avgpool=False, padding_mode="zeros",
+        padding_value=None, center_grid=False, **plain)).eval()
     with torch.no_grad():
         equivalence = _relative_error(exact(x), reference(normalize(x, config.mean, config.std)))
     failures = []

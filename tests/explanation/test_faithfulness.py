@@ -189,6 +189,114 @@ def test_padding_mode_survives_save_and_load(tmp_path):
         torch.testing.assert_close(loaded(x), bmodel.eval()(x))
 
 
+def _with_random_statistics(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_constant_padding_with_the_mean_colour_is_the_original_at_b1():
+    """Zero padding of normalized images is the mean colour: padding [x, 1 - x] with it keeps b=1 exact."""
+    original = _with_random_statistics(_resnet().double())
+    x = torch.rand(3, 1, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = original(bcosify.data.normalize(x, [0.3], [0.35]))
+        for value, exact in ((None, True), ((0.0,), False)):
+            bmodel = bcosify.convert(original, b=1, keep_bias=True, mean=[0.3], std=[0.35], padding_mode="constant",
+                                     padding_value=value).eval()
+            assert bmodel.config.padding_value == ((0.3,) if value is None else value)  # resolved at conversion
+            error = ((bmodel(x) - reference).norm() / reference.norm()).item()
+            assert (error < 1e-12) == exact, (value, error)
+
+
+@pytest.mark.parametrize("value", [None, (0.0,)])
+def test_constant_padding_is_explained_as_a_constant(value):
+    bmodel = bcosify.convert(_with_random_statistics(_resnet()), mean=[0.3], std=[0.35], padding_mode="constant",
+                             padding_value=value).double()
+    first = bmodel.network.conv1
+    colour = 0.3 if value is None else 0.0
+    assert bmodel.constants == ["conv1.padding_value"] and not first.padding_value.requires_grad
+    torch.testing.assert_close(first.padding_value.flatten(), torch.tensor([colour, 1 - colour], dtype=torch.float64))
+    with torch.no_grad():  # as after fine-tuning (folded weights give the mean colour's taps exactly 0)
+        first.weight.add_(0.1 * torch.randn(first.weight.shape, generator=torch.Generator().manual_seed(3),
+                                            dtype=torch.float64))
+    x = torch.rand(3, 1, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    e = bcosify.explain(bmodel, x, target=torch.tensor([0, 5, 9]))
+    assert e.completeness_error.max().item() < 1e-10
+    # the padding's share: the same model with the colour's taps zeroed misses exactly that much
+    assert (e.constant_contribution.abs() > 1e-6 * e.explained_logit.abs()).all()
+    with torch.no_grad():
+        first.padding_value.zero_()
+        without = bmodel.network(bmodel.encode(x)).gather(1, e.target[:, None])[:, 0]
+    assert not torch.allclose(without, e.explained_logit)
+
+
+def test_constant_padding_of_the_background_removes_the_border_edge_and_is_saved(tmp_path):
+    bmodel = bcosify.convert(_resnet(), mean=[0.3], std=[0.35], padding_mode="constant", padding_value=[0.0]).eval()
+    with torch.no_grad():  # a black image padded with black: every position of the first layer sees the same
+        out = bmodel.double().network.conv1(bmodel.encode(torch.zeros(1, 1, 32, 32, dtype=torch.float64)))
+    assert (out - out[..., 8:9, 8:9]).abs().amax().item() < 1e-12
+    bcosify.save(bmodel.float(), tmp_path / "m")
+    loaded = bcosify.load(tmp_path / "m")
+    assert loaded.config.padding_mode == "constant" and loaded.config.padding_value == (0.0,)
+    assert loaded.constants == ["conv1.padding_value"]
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), bmodel(x))
+    torch.testing.assert_close(bcosify.explain(loaded, x).contributions, bcosify.explain(bmodel, x).contributions)
+
+
+def test_constant_padding_options_are_checked():
+    with pytest.raises(ValueError, match="padding_value applies to padding_mode='constant' only"):
+        bcosify.BcosConfig(padding_value=[0.0])
+    with pytest.raises(ValueError, match=r"colour in \[0, 1\]"):
+        bcosify.BcosConfig(padding_mode="constant", padding_value=[1.5])
+    with pytest.raises(ValueError, match="padding_layers='first' only"):
+        bcosify.BcosConfig(padding_mode="constant", padding_layers="all")
+    with pytest.raises(bcosify.ConversionError, match="padding_value has 2 values but the model takes 1 channels"):
+        bcosify.convert(_resnet(), mean=[0.3], std=[0.35], padding_mode="constant", padding_value=[0.0, 0.5])
+    with pytest.raises(ValueError, match="needs a value per input channel"):
+        BcosConv2d(2, 4, 3, padding=1).set_padding("constant")
+
+
+def _top_left_quadrant_share(bmodel, x) -> float:
+    """Share of ``|W(x)|`` (both halves of ``[x, 1 - x]``, summed over images) in the top-left quarter."""
+    w = bcosify.explain(bmodel, x).weights.abs().sum((0, 1))
+    h = w.shape[0] // 2
+    return (w[:h, :h].sum() / w.sum()).item()
+
+
+def test_center_grid_shifts_the_last_downsampling_and_centres_what_the_model_sees():
+    original = _with_random_statistics(_resnet().double())
+    x = torch.rand(4, 1, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    plain = bcosify.convert(original, b=1, mean=[0.3], std=[0.35]).double()
+    centred = bcosify.convert(original, b=1, mean=[0.3], std=[0.35], center_grid=True).double()
+    shifted = [e.path for e in centred.report.by_action("shifted")]
+    assert shifted == ["layer4.0.conv1", "layer4.0.downsample.0"]
+    assert centred.network.layer4[0].conv1.grid_shift == 1 and plain.network.layer4[0].conv1.grid_shift == 0
+    # at 32 px the last grid is one position: on the top-left pixel, or (shifted) on pixel 16
+    assert _top_left_quadrant_share(plain, x) > 0.9
+    assert 0.15 < _top_left_quadrant_share(centred, x) < 0.35
+    b2 = bcosify.convert(original, mean=[0.3], std=[0.35], center_grid=True, verify=True).double()
+    assert bcosify.explain(b2, x).completeness_error.max().item() < 1e-10
+    with torch.no_grad():  # a different function: an option, fine-tuned after
+        assert not torch.allclose(centred.eval()(x), plain.eval()(x))
+    with pytest.raises(ValueError, match="a B-cos option that unit='dau' does not have"):
+        bcosify.BcosConfig(unit="dau", center_grid=True)
+
+
+def test_center_grid_refuses_what_it_cannot_shift():
+    with pytest.raises(bcosify.ConversionError, match="needs a network that downsamples with strided convolutions"):
+        bcosify.convert(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                      nn.Linear(4, 3)), mean=[0.5], std=[0.5], center_grid=True)
+    pooled_last = nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.AvgPool2d(3, stride=2, padding=1),
+                                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(bcosify.ConversionError, match=r"center_grid=True shifts the last downsampling, and 1 "):
+        bcosify.convert(pooled_last, mean=[0.5], std=[0.5], center_grid=True)
+
+
 def test_padding_options_are_checked():
     with pytest.raises(ValueError, match="padding_mode must be one of"):
         bcosify.BcosConfig(padding_mode="circular")

@@ -161,7 +161,7 @@ def test_format_2_folders_still_load(saved, tmp_path):
     bmodel, folder = saved
     old = _copy(folder, tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    for key in ("unit", "rank", "squash", "temperature", "padding_mode", "padding_layers"):
+    for key in ("unit", "rank", "squash", "temperature", "padding_mode", "padding_layers", "padding_value"):
         config["config"].pop(key, None)
     (old / "config.json").write_text(json.dumps({**config, "format_version": 2}))
     loaded = bcosify.load(old)

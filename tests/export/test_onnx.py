@@ -53,6 +53,22 @@ def test_onnx_of_a_dau_model_matches_pytorch(tmp_path):
     assert np.abs(out - reference).max() <= 1e-4 * max(1.0, np.abs(reference).max())
 
 
+def test_onnx_of_constant_padding_and_a_shifted_grid_matches_pytorch(tmp_path):
+    """The padding colour (a constant parameter) and the grid shift (a negative padding: a crop) export."""
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    bmodel = bcosify.convert(original.eval(), mean=0.5, std=0.25, padding_mode="constant", padding_value=0.2,
+                             center_grid=True).eval()
+    assert [e.path for e in bmodel.report.by_action("shifted")] == ["2"]
+    path = bcosify.export_onnx(bmodel, tmp_path / "m.onnx", torch.rand(1, 3, 32, 32))
+    x = torch.rand(3, 3, 32, 32)
+    (out,) = onnxruntime.InferenceSession(str(path)).run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        reference = bmodel(x).numpy()
+    assert np.abs(out - reference).max() <= 1e-5 * max(1.0, np.abs(reference).max())
+
+
 def test_onnx_export_checks_its_example(model, tmp_path):
     with pytest.raises(ValueError, match="channels"):
         bcosify.export_onnx(model, tmp_path / "m.onnx", torch.rand(1, 1, 32, 32))
