@@ -400,7 +400,8 @@ def main(argv=None) -> int:
             rows = merged.setdefault("methods", {})
             for name, values in part.pop("methods").items():
                 rows.setdefault(name, {}).update(values)
-            merged.setdefault("commands", []).append(part.pop("command"))
+            commands = part.pop("commands", []) + ([part.pop("command")] if "command" in part else [])
+            merged.setdefault("commands", []).extend(commands)
             if not pathlib.Path(part.get("picture", "/")).is_absolute():
                 merged["picture"] = part["picture"]  # the one in the repository
             merged.update({k: v for k, v in part.items() if k not in merged})
@@ -452,6 +453,8 @@ def main(argv=None) -> int:
               "padding_mode": bmodel.config.padding_mode, "padding_layers": bmodel.config.padding_layers,
               "test_images_pool": len(x_all), "picture": str(pic.relative_to(ROOT) if pic.is_relative_to(ROOT) else pic), "methods": rows}
     result["demo_summary"].pop("history", None)
+    if args.label:  # another model than the main rows': its own summary
+        result[f"demo_summary@{args.label}"] = result.pop("demo_summary")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
