@@ -23,6 +23,7 @@ from .weights import build_model
 
 #: the demo's localisation check: GridPG 2x2 on this many grids of confidently classified test images
 DEMO_GRIDS, DEMO_GRID_IMAGES, BORDER_PX, CORNER_PX = 20, 500, 2, 4
+GARMENT = 0.05  # Fashion-MNIST pixels brighter than this are the garment (the background is 0)
 DEFAULT_CACHE = pathlib.Path(os.environ.get("BCOSIFY_CACHE", pathlib.Path.home() / ".cache" / "bcosify"))
 
 
@@ -89,7 +90,7 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     """Run the demo; write the explanation grid, the exported model and ``summary.json`` to ``out``."""
     import bcosify
     from bcosify.explanation import viz
-    from bcosify.explanation.faithfulness import border_share, top_left_share
+    from bcosify.explanation.faithfulness import border_share, foreground_share, top_left_share
     from bcosify.explanation.gridpg import run_gridpg
 
     start = time.perf_counter()
@@ -117,6 +118,7 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     completeness = explanation.completeness_error.max().item()
     border = border_share(explanation.contributions, BORDER_PX).mean().item()
     corner = top_left_share(explanation.contributions, CORNER_PX).mean().item()
+    garment = foreground_share(explanation.contributions, x, GARMENT).mean().item()
     gx, gy = next(iter(DataLoader(test_set, batch_size=DEMO_GRID_IMAGES)))
     try:
         gridpg = {key: result.scores.mean().item() for key, result in
@@ -131,7 +133,7 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
 
     summary = {"original_accuracy": original_accuracy, "bcosified_accuracy": bcosified_accuracy,
                "completeness_error_max": completeness, "border_share": border,
-               "top_left_share": corner,
+               "top_left_share": corner, "foreground_share": garment,
                "gridpg_2x2": {**gridpg, "grids": DEMO_GRIDS}, "epochs": len(history.epochs),
                "seconds": time.perf_counter() - start, "recipe": spec.name, "history": history.epochs,
                "pictures": [str(p) for p in pictures]}
@@ -144,7 +146,8 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     size = x.shape[-1] * x.shape[-2]
     print(f"share of positive contribution (mean over 64 test images): outer {BORDER_PX} px {border:.1%} "
           f"(of the area: {1 - (x.shape[-2] - 2 * BORDER_PX) * (x.shape[-1] - 2 * BORDER_PX) / size:.1%}), "
-          f"top-left {CORNER_PX}x{CORNER_PX} px {corner:.1%} (of the area: {CORNER_PX ** 2 / size:.1%})")
+          f"top-left {CORNER_PX}x{CORNER_PX} px {corner:.1%} (of the area: {CORNER_PX ** 2 / size:.1%}), "
+          f"on the garment (pixels brighter than {GARMENT}) {garment:.1%}")
     if gridpg["bcos"] is None:
         print(f"GridPG 2x2 skipped: {gridpg['skipped']}")
     else:

@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader
 
 import bcosify
 from bcosify.data import Normalized
-from bcosify.demo import demo_data
+from bcosify.demo import BORDER_PX, CORNER_PX, GARMENT, demo_data  # the demo's own border and garment measures
 from bcosify.explanation.attribution import Attribution, method_name, posthoc_attribution, quantus_explain
-from bcosify.explanation.faithfulness import border_share, curve_auc, perturbation_curves
+from bcosify.explanation.faithfulness import border_share, curve_auc, foreground_share, perturbation_curves
 from bcosify.explanation.gridpg import run_gridpg
 from bcosify.training import load_recipe
 from bcosify.training.data import build_datasets
@@ -47,8 +47,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS, DOCS = ROOT / "benchmarks" / "results", ROOT / "docs"
 METHODS = ("bcos", "ixg", "ig", "gradcam", "lrp")
 METRICS = ("gridpg", "deletion", "faithfulness", "randomisation")
-BORDER_PX, CORNER_PX = 2, 4
-GARMENT = 0.05  # pixels brighter than this are the garment (the background is 0)
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -309,8 +307,7 @@ def border_report(variants: list[str], cache_dir: pathlib.Path, recipe: str, ima
             "images_over_half_on_border": (share > 0.5).float().mean().item(),
             "top_left_corner_share_mean": corner.mean().item(),
             "strongest_pixel_in_top_left_corner": ((rows < CORNER_PX) & (cols < CORNER_PX)).double().mean().item(),
-            "on_garment_share_mean": ((x[:, 0].double() > GARMENT) * positive).flatten(1).sum(1).div(
-                positive.flatten(1).sum(1).clamp_min(1e-300)).mean().item(),
+            "on_garment_share_mean": foreground_share(e.contributions, x, GARMENT).mean().item(),
             "border_positive_from_1_minus_x": from_complement,
             "center_grid": bmodel.config.center_grid, "padding_value": bmodel.config.padding_value,
             # the padding colour's part of the explained logit (0 unless padding_mode="constant")

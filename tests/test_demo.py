@@ -20,7 +20,7 @@ def test_demo_end_to_end(tmp_path):
         assert key in saved and saved[key] == summary[key]
     assert 0 <= saved["original_accuracy"] <= 1 and 0 <= saved["bcosified_accuracy"] <= 1
     assert saved["completeness_error_max"] < 1e-6 and saved["epochs"] == 1
-    assert 0 <= saved["border_share"] <= 1 and 0 <= saved["top_left_share"] <= 1
+    assert 0 <= saved["border_share"] <= 1 and 0 <= saved["top_left_share"] <= 1 and 0 <= saved["foreground_share"] <= 1
     gridpg = saved["gridpg_2x2"]
     assert gridpg["grids"] == 20 and set(gridpg) >= {"bcos", "ixg"}
     if gridpg["bcos"] is not None:  # None (with the reason) when too few classes are classified correctly

@@ -49,8 +49,9 @@ def border_share(attributions: torch.Tensor, width: int = 2) -> torch.Tensor:
 def top_left_share(attributions: torch.Tensor, size: int = 4) -> torch.Tensor:
     """``(N,)`` share of the positive attribution in the top-left ``size x size`` pixels of each image.
 
-    Where the border signal collects in networks whose stride-2 layers see even-sized inputs: they read the
-    padding at the top and left only. A map spread evenly scores ``size**2 / (H W)``; 0 without positive values.
+    Where explanations collect in networks whose stride-2 layers see even-sized inputs: each leaves its output grid
+    half a step towards the top-left (``convert(..., center_grid=True)`` centres it). A map spread evenly scores
+    ``size**2 / (H W)``; 0 without positive values.
     """
     maps = _maps(attributions).double().clamp_min(0)
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= min(maps.shape[-2:]):
@@ -58,6 +59,20 @@ def top_left_share(attributions: torch.Tensor, size: int = 4) -> torch.Tensor:
     total = maps.flatten(1).sum(1)
     corner = maps[:, :size, :size].flatten(1).sum(1)
     return torch.where(total > 0, corner / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(total))
+
+
+def foreground_share(attributions: torch.Tensor, images: torch.Tensor, threshold: float = 0.05) -> torch.Tensor:
+    """``(N,)`` share of the positive attribution on the pixels of ``images`` (``(N, C, H, W)`` in [0, 1]) brighter
+    than ``threshold`` in some channel: the object, on a black background (Fashion-MNIST's garments). 0 without
+    positive attribution."""
+    maps = _maps(attributions).double().clamp_min(0)
+    if images.dim() != 4 or images.shape[0] != maps.shape[0] or images.shape[-2:] != maps.shape[-2:]:
+        raise ValueError(f"images of shape {tuple(images.shape)} do not match attributions of shape "
+                         f"{tuple(attributions.shape)}")
+    mask = (images.detach() > threshold).any(1)
+    total = maps.flatten(1).sum(1)
+    on = (maps * mask).flatten(1).sum(1)
+    return torch.where(total > 0, on / total.clamp_min(torch.finfo(total.dtype).tiny), torch.zeros_like(total))
 
 
 @torch.no_grad()

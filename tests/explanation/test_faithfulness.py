@@ -11,7 +11,8 @@ from torch import nn
 
 import bcosify
 from bcosify.explanation.attribution import posthoc_attribution
-from bcosify.explanation.faithfulness import border_share, curve_auc, perturbation_curves, top_left_share
+from bcosify.explanation.faithfulness import (border_share, curve_auc, foreground_share, perturbation_curves,
+                                           top_left_share)
 from bcosify.explanation.gridpg import run_gridpg
 from bcosify.nn import BcosConv2d
 
@@ -50,6 +51,14 @@ def test_border_share_of_known_maps():
     assert top_left_share(maps, size=2)[0].item() == pytest.approx(6 / 8)
     with pytest.raises(ValueError, match="size"):
         top_left_share(maps, size=9)
+    images = torch.zeros(3, 1, 8, 8)
+    images[:, :, 4:, 4:] = 0.5  # the object: the bottom-right quarter
+    on = foreground_share(maps, images, threshold=0.05)
+    assert on[0].item() == 0.0 and on[2].item() == 0.0 and on[1].item() == pytest.approx(16 / 64)
+    maps[0, 5, 5] = 2.0
+    assert foreground_share(maps, images)[0].item() == pytest.approx(2 / 10)
+    with pytest.raises(ValueError, match="do not match"):
+        foreground_share(maps, images[:2])
 
 
 # --------------------------------------------------------------------------- deletion / insertion
