@@ -2,6 +2,7 @@
 after ``bcosify.calibrate`` on the same photos with augmented crops (no labels).
 
     python benchmarks/calibration_photos.py --crops 8 --dtype float64
+    python benchmarks/calibration_photos.py --crops 8 --picture docs/images/explain_efficientnet_lite0_b2.png
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=1, help="split the calibration images into this many batches")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--b", type=float, default=2.0)
+    parser.add_argument("--picture", help="PNG of the calibrated model's explanations of the original's top-1 class")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     original = build_model("timm:efficientnet_lite0", weights=str(efficientnet_lite0_checkpoint_path()),
@@ -54,6 +56,14 @@ def main() -> None:
                       (("original", reference), ("converted", converted), ("calibrated", calibrated))},
         "kept_of_4": {"converted": kept(converted, reference), "calibrated": kept(calibrated, reference)},
     }
+    if args.picture:
+        from bcosify.explanation import viz
+
+        e = bcosify.explain(bmodel, photos, target=reference.argmax(1))
+        result["picture"] = str(viz.save_explanation_grid(
+            args.picture, photos, e, colors=256, class_names=categories,
+            labels=[f"b={args.b:g}, calibrated; original's top-1" for _ in names]))
+        result["completeness_error_max"] = e.completeness_error.max().item()
     print(json.dumps(result, indent=2))
 
 
