@@ -141,7 +141,6 @@ class _Dau(DetachableModule):
         self.register_buffer("gain", _init_gain(self.weight.detach().flatten(1), self.squash, self.eps))
 
     @torch.no_grad()
-    @torch.no_grad()
     def _take_weights(self, module: nn.Module):
         """``module``'s weight as the static weights (and its bias, if this layer keeps one) and its mode."""
         self.weight.copy_(module.weight)

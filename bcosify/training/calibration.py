@@ -19,14 +19,15 @@ from tqdm.auto import tqdm
 
 from ..data import normalize
 from ..model import BcosModel
-from ..nn import (BcosConv2d, BcosLinear, DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d,
-                  SplitQKV, UncenteredBatchNorm2d, check_images)
+from ..nn import (BcosConv2d, BcosLinear, DauConv2d, DauLinear, DetachableGroupNorm, DetachableLayerNorm,
+                  DetachableLayerNorm2d, SplitQKV, UncenteredBatchNorm2d, check_images)
 from ..utils import eval_mode
 from .loop import _split_batch
 
 #: layers whose output channels get a gain; the value is the channel dimension of their output
-_CHANNEL_DIM: dict[type, int] = {BcosConv2d: 1, BcosLinear: -1, UncenteredBatchNorm2d: 1, DetachableGroupNorm: 1,
-                                 DetachableLayerNorm2d: 1, DetachableLayerNorm: -1}
+_CHANNEL_DIM: dict[type, int] = {BcosConv2d: 1, BcosLinear: -1, DauConv2d: 1, DauLinear: -1, UncenteredBatchNorm2d: 1,
+                                 DetachableGroupNorm: 1, DetachableLayerNorm2d: 1, DetachableLayerNorm: -1}
+_ALIGNMENT = (BcosConv2d, BcosLinear, DauConv2d, DauLinear)
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ class _Layer:
     handles: list = field(default_factory=list)
 
     @property
-    def is_bcos(self) -> bool:
-        return isinstance(self.module, (BcosConv2d, BcosLinear))
+    def is_alignment(self) -> bool:
+        return isinstance(self.module, _ALIGNMENT)
 
 
 @torch.no_grad()
@@ -63,7 +64,7 @@ def calibrate(bmodel: BcosModel, images: torch.Tensor | Iterable[Any], *, origin
               min_channel_values: int = 256, progress: bool = True) -> BcosModel:
     """Restore the activation scale of a converted model from unlabelled images, in place.
 
-    Every B-cos layer and normalization layer, in execution order, gets gains on its output channels so that its
+    Every B-cos or DAU layer and normalization layer, in execution order, gets gains on its output channels so that its
     activations' root mean square (RMS) over the images matches that of the same module in ``original`` on the
     same images (the module at the same path; for timm's norm-act layers the norm's output before the activation;
     for a split ``qkv`` projection its ``v`` part). Uncentred BatchNorms also get their running variance
@@ -88,7 +89,8 @@ def calibrate(bmodel: BcosModel, images: torch.Tensor | Iterable[Any], *, origin
 
     The gains are baked into the weights: a bias-free B-cos layer is positively homogeneous, ``out(c w) =
     c^b out(w)``, so a row scaled by ``c^(1/b)`` scales its output by ``c`` (a kept bias is scaled by ``c``); a
-    normalization layer's weight and bias are scaled by ``c``. The model stays dynamic linear, and
+    DAU layer's fixed per-unit gain is multiplied by ``c``; a normalization layer's weight and bias are scaled by
+    ``c``. The model stays dynamic linear, and
     :func:`bcosify.save`/:func:`bcosify.load` carry the result as they carry any weights.
 
     An ``original`` with degenerate statistics of its own (random-init torchvision EfficientNets, whose
@@ -206,12 +208,12 @@ def _rescale_output(layer: _Layer, settings: _Settings):
         current = layer.out_sq / layer.out_count
         if layer.target_count and layer.target_sq.shape == current.shape:
             target = layer.target_sq / layer.target_count
-        elif layer.is_bcos:
+        elif layer.is_alignment:
             target = torch.full_like(current, settings.target_rms ** 2)
         else:
             return out  # a norm layer without counterpart keeps its own scale
         gain = _gains(current, target, layer.out_count, settings)
-        _bake_gain(module, gain, layer.is_bcos)
+        _bake_gain(module, gain)
         layer.out_sq *= gain.square()
         shape = [1] * out.dim()
         shape[layer.dim] = -1
@@ -237,10 +239,13 @@ def _gains(current: torch.Tensor, target: torch.Tensor, values: int, settings: _
     return layer_gain * torch.where(usable, channel.clamp(1 / spread, spread), 1.0)
 
 
-def _bake_gain(module: nn.Module, gain: torch.Tensor, is_bcos: bool) -> None:
-    """Scale the output channels of ``module`` by ``gain`` (positive) through its weight and bias."""
+def _bake_gain(module: nn.Module, gain: torch.Tensor) -> None:
+    """Scale the output channels of ``module`` by ``gain`` (positive) through its weight (a DAU layer: its fixed
+    per-unit gain) and bias."""
     weight = module.weight
-    if is_bcos:
+    if isinstance(module, (DauConv2d, DauLinear)):
+        module.gain.mul_(gain.to(module.gain.dtype).view_as(module.gain))
+    elif isinstance(module, (BcosConv2d, BcosLinear)):
         weight.mul_(gain.pow(1 / module.b).to(weight.dtype).view(-1, *[1] * (weight.dim() - 1)))
     else:
         weight.mul_(gain.to(weight.dtype))

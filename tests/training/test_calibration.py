@@ -215,6 +215,31 @@ def test_completeness_after_calibration(one_thread, name):
     assert e.completeness_error.max().item() < 1e-6
 
 
+def test_dau_layers_are_calibrated_through_their_gains(one_thread):
+    """A DAU model with a random dynamic part: its per-unit gains carry the scale, and it stays exact."""
+    from helpers import randomise_dau_layers
+
+    original = _original("resnet18")
+    bmodel = bcosify.convert(original, unit="dau", rank=2)
+    randomise_dau_layers(bmodel, _images(2, seed=3))
+    fc = bmodel.network.fc
+    before = fc.gain.clone()
+    x = _images(8, seed=1)
+    assert _logits(bmodel, x).pow(2).mean().sqrt() < 0.5  # (0.15: not the unit RMS calibration sets)
+    bcosify.calibrate(bmodel, x, progress=False)  # no original: unit RMS
+    torch.testing.assert_close(_logits(bmodel, x).pow(2).mean().sqrt(), torch.tensor(1.0, dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+    assert not torch.equal(fc.gain, before)
+    e = bcosify.explain(bmodel, _images(3, seed=2))
+    assert bool((e.explained_logit.abs() > 1e-4).all()) and e.completeness_error.max().item() < 1e-8
+    matched = bcosify.calibrate(bcosify.convert(original, unit="dau", rank=2), x, original=original, **EXACT)
+    rms = _rms_by_path(matched.network, matched.encode(x), {"layer1.0.conv1": 1, "fc": -1})
+    reference = _rms_by_path(original, normalize(x, matched.config.mean, matched.config.std),
+                             {"layer1.0.conv1": 1, "fc": -1})
+    for path in rms:  # every channel matched exactly on the calibration images (no bounds)
+        torch.testing.assert_close(rms[path], reference[path], rtol=1e-6, atol=1e-12)
+
+
 def test_convert_shortcut_and_save_load_round_trip(one_thread, tmp_path):
     original = _original("resnet18", torch.float32)  # (load builds float32 models)
     x = _images(8, seed=1, dtype=torch.float32)
