@@ -18,7 +18,7 @@ from .surgery.report import CONSTANT, SHIFTED, ConversionReport, type_name
 from .surgery.rules import DESCEND, FIRST_LAYER_TYPES, PLAIN_CONVS, RULES, Rule
 from .surgery.trace import trace
 from .training.calibration import calibrate as calibrate_model
-from .utils import copy_module
+from .utils import copy_module, eval_mode
 from .weights import HUB, build_model
 
 
@@ -145,7 +145,7 @@ def _center_grid(network: nn.Module, config: BcosConfig, size: int, report: Conv
                for path, m in network.named_modules() if isinstance(m, _STRIDED)]
     weight = next(network.parameters())
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(network):  # (training mode would update BatchNorm statistics)
             network(torch.zeros(1, 2 * config.in_chans, size, size, dtype=weight.dtype, device=weight.device))
     finally:
         for handle in handles:

@@ -294,6 +294,9 @@ def test_center_grid_shifts_the_last_downsampling_and_centres_what_the_model_see
         assert not torch.allclose(centred.eval()(x), plain.eval()(x))
     with pytest.raises(ValueError, match="a B-cos option that unit='dau' does not have"):
         bcosify.BcosConfig(unit="dau", center_grid=True)
+    training = bcosify.convert(original.train(), mean=[0.3], std=[0.35], center_grid=True)  # finding the layers
+    assert training.training  # runs the network once, in eval mode: no BatchNorm statistics change
+    torch.testing.assert_close(training.network.bn1.running_var, plain.network.bn1.running_var, rtol=0, atol=0)
 
 
 def test_center_grid_refuses_what_it_cannot_shift():
