@@ -21,7 +21,6 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers
 
 import bcosify  # noqa: E402
 from bcosify.explanation.checks import equivalence_error  # noqa: E402
-from bcosify.weights import build_model  # noqa: E402
 from helpers import randomise_zero_weights  # noqa: E402
 
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
@@ -31,7 +30,7 @@ EQUIVALENCE_BOUND, COMPLETENESS_BOUND = 1e-5, 1e-6
 def measure(family) -> tuple[float, float]:
     torch.manual_seed(0)
     model = randomise_zero_weights(
-        build_model(family.spec, weights=None, model_kwargs={"num_classes": 10, **family.kwargs}).double().eval())
+        family.build(num_classes=10).double().eval())
     x = torch.rand(3, 3, family.size, family.size, dtype=torch.float64)
     equivalence = equivalence_error(model, x)
     bmodel = bcosify.calibrate(bcosify.convert(model), torch.rand(4, 3, family.size, family.size, dtype=torch.float64),

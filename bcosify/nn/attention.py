@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -122,3 +123,102 @@ class SelfAttention(nn.Module):
                                              dropout_p=self.dropout if self.training else 0.0)
         out = self.proj(out.transpose(1, 2).reshape(n, tokens, -1))
         return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+class ShiftedWindowAttention(DetachableModule):
+    """torchvision's shifted-window attention (Swin, Swin V2) with its projections as modules.
+
+    torchvision's forward reads ``qkv.weight`` and ``proj.weight`` functionally; this one computes the same
+    (padding to window multiples, cyclic shift, window partition, the attention mask of shifted windows, the
+    relative position bias; cosine attention with a clamped ``logit_scale`` and the continuous position bias MLP
+    when ``cpb_mlp`` is given) but calls ``qkv`` (a :class:`SplitQKV`: q, k a gate, v on the value path) and
+    ``proj``. The attention matrix is a gate: detached in explanation mode. Attribute names follow torchvision's.
+    """
+
+    def __init__(self, qkv: nn.Module, proj: nn.Module, window_size: list[int], shift_size: list[int],
+                 num_heads: int, relative_position_index: torch.Tensor,
+                 relative_position_bias_table: nn.Parameter | None = None, cpb_mlp: nn.Module | None = None,
+                 relative_coords_table: torch.Tensor | None = None, logit_scale: nn.Parameter | None = None,
+                 attention_dropout: float = 0.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        if (cpb_mlp is None) == (relative_position_bias_table is None):
+            raise ValueError("give either a relative position bias table (Swin) or a position bias MLP (Swin V2)")
+        if cpb_mlp is not None and (relative_coords_table is None or logit_scale is None):
+            raise ValueError("Swin V2's position bias MLP needs its relative_coords_table and a logit_scale")
+        self.qkv = qkv
+        self.proj = proj
+        self.window_size = list(window_size)
+        self.shift_size = list(shift_size)
+        self.num_heads = num_heads
+        self.attention_dropout = attention_dropout
+        self.dropout = dropout
+        self.relative_position_bias_table = relative_position_bias_table
+        self.logit_scale = logit_scale
+        self.cpb_mlp = None if cpb_mlp is None else GatePath(cpb_mlp)
+        self.register_buffer("relative_position_index", relative_position_index)
+        self.register_buffer("relative_coords_table", relative_coords_table)
+
+    def position_bias(self) -> torch.Tensor:
+        """The relative position bias added to the attention logits, ``(1, heads, tokens, tokens)``."""
+        n = self.window_size[0] * self.window_size[1]
+        if self.cpb_mlp is None:
+            table = self.relative_position_bias_table
+        else:
+            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        bias = table[self.relative_position_index].view(n, n, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+        return bias if self.cpb_mlp is None else 16 * torch.sigmoid(bias)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        window_size, num_heads = self.window_size, self.num_heads
+        b, h, w, c = input.shape
+        pad_r = (window_size[1] - w % window_size[1]) % window_size[1]
+        pad_b = (window_size[0] - h % window_size[0]) % window_size[0]
+        x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
+        _, pad_h, pad_w, _ = x.shape
+        shift_size = self.shift_size.copy()
+        if window_size[0] >= pad_h:  # a window as large as the feature map: no shift
+            shift_size[0] = 0
+        if window_size[1] >= pad_w:
+            shift_size[1] = 0
+        shifted = sum(shift_size) > 0
+        if shifted:
+            x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
+        num_windows = (pad_h // window_size[0]) * (pad_w // window_size[1])
+        x = x.view(b, pad_h // window_size[0], window_size[0], pad_w // window_size[1], window_size[1], c)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b * num_windows, window_size[0] * window_size[1], c)
+
+        qkv = self.qkv(x).reshape(x.size(0), x.size(1), 3, num_heads, c // num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.logit_scale is not None:  # cosine attention (Swin V2)
+            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+            attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        else:
+            attn = (q * (c // num_heads) ** -0.5).matmul(k.transpose(-2, -1))
+        attn = attn + self.position_bias()
+        if shifted:  # tokens that the cyclic shift brought together from different regions do not attend
+            mask = x.new_zeros((pad_h, pad_w))
+            h_slices = ((0, -window_size[0]), (-window_size[0], -shift_size[0]), (-shift_size[0], None))
+            w_slices = ((0, -window_size[1]), (-window_size[1], -shift_size[1]), (-shift_size[1], None))
+            count = 0
+            for hs in h_slices:
+                for ws in w_slices:
+                    mask[hs[0]:hs[1], ws[0]:ws[1]] = count
+                    count += 1
+            mask = mask.view(pad_h // window_size[0], window_size[0], pad_w // window_size[1], window_size[1])
+            mask = mask.permute(0, 2, 1, 3).reshape(num_windows, window_size[0] * window_size[1])
+            mask = mask.unsqueeze(1) - mask.unsqueeze(2)
+            mask = mask.masked_fill(mask != 0, float(-100.0)).masked_fill(mask == 0, float(0.0))
+            attn = attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1), x.size(1))
+            attn = (attn + mask.unsqueeze(1).unsqueeze(0)).view(-1, num_heads, x.size(1), x.size(1))
+        attn = F.softmax(attn, dim=-1)
+        if self.explanation_mode:
+            attn = attn.detach()
+        attn = F.dropout(attn, p=self.attention_dropout, training=self.training)
+
+        x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), c)
+        x = F.dropout(self.proj(x), p=self.dropout, training=self.training)
+        x = x.view(b, pad_h // window_size[0], pad_w // window_size[1], window_size[0], window_size[1], c)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(b, pad_h, pad_w, c)
+        if shifted:
+            x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
+        return x[:, :h, :w, :].contiguous()

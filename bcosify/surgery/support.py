@@ -5,11 +5,30 @@ from __future__ import annotations
 import fnmatch
 import importlib.resources
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import yaml
+from torch import nn
 
 SUPPORT_FILE = importlib.resources.files(__package__) / "supported.yaml"
+
+
+def _torchvision_swin(v2: bool, **kwargs: Any) -> nn.Module:
+    """torchvision's ``SwinTransformer`` (its V2 blocks and patch merging when ``v2``) with the given sizes; the
+    builders ``swin_t`` ... ``swin_v2_b`` fix them."""
+    from torchvision.models import swin_transformer as tv_swin
+
+    kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}
+    if v2:
+        kwargs.update(block=tv_swin.SwinTransformerBlockV2, downsample_layer=tv_swin.PatchMergingV2)
+    return tv_swin.SwinTransformer(**kwargs)
+
+
+#: small builders of architectures whose library builders take no size arguments (``builder:`` in the YAML)
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "torchvision_swin": lambda **kwargs: _torchvision_swin(False, **kwargs),
+    "torchvision_swin_v2": lambda **kwargs: _torchvision_swin(True, **kwargs),
+}
 
 
 @dataclass(frozen=True)
@@ -21,12 +40,25 @@ class SupportedModel:
         spec: ``timm:NAME`` or ``torchvision:NAME``.
         size: test image size in pixels.
         kwargs: constructor arguments that make the test model small.
+        builder: for an architecture whose library builder fixes its sizes (torchvision's ``swin_t``), the name of
+            the small builder in :data:`BUILDERS` that builds the same architecture from ``kwargs``; ``None``:
+            ``spec`` is built with ``kwargs``.
     """
 
     family: str
     spec: str
     size: int = 32
     kwargs: dict[str, Any] = field(default_factory=dict)
+    builder: str | None = None
+
+    def build(self, **kwargs: Any) -> nn.Module:
+        """The test model, randomly initialised; ``kwargs`` (e.g. ``num_classes``) are added to the row's."""
+        kwargs = {**self.kwargs, **kwargs}
+        if self.builder is not None:
+            return BUILDERS[self.builder](**kwargs)
+        from ..weights import build_model
+
+        return build_model(self.spec, weights=None, model_kwargs=kwargs)
 
     @property
     def library(self) -> str:
@@ -52,7 +84,7 @@ def list_supported(pattern: str = "*") -> list[SupportedModel]:
     out = []
     for row in rows:
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in (row.get("kwargs") or {}).items()}
-        entry = SupportedModel(row["family"], row["spec"], row.get("size", 32), kwargs)
+        entry = SupportedModel(row["family"], row["spec"], row.get("size", 32), kwargs, row.get("builder"))
         if fnmatch.fnmatch(entry.spec.lower(), pattern.lower()) or fnmatch.fnmatch(entry.family.lower(),
                                                                                    pattern.lower()):
             out.append(entry)

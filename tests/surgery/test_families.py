@@ -10,7 +10,6 @@ from torch import nn
 import bcosify
 from bcosify import SupportedModel as Family
 from bcosify.explanation.checks import equivalence_error
-from bcosify.weights import build_model
 from helpers import randomise_dau_layers, randomise_zero_weights, value_path_modules
 
 #: the alignment units every family converts to. DAU layers with rank 1: B holds rank x the weights (VGG's
@@ -23,7 +22,7 @@ UNCONVERTED_TYPES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.La
 def _original(family: Family) -> nn.Module:
     torch.manual_seed(0)
     return randomise_zero_weights(
-        build_model(family.spec, weights=None, model_kwargs={"num_classes": 10, **family.kwargs}).double().eval())
+        family.build(num_classes=10).double().eval())
 
 
 def _images(family: Family, n: int = 2) -> torch.Tensor:
@@ -84,3 +83,23 @@ def test_report_has_no_leftovers_and_value_path_is_bias_free(family: Family, uni
         assert type(module) not in UNCONVERTED_TYPES, f"{path} ({type(module).__name__}) left unconverted"
         for name, _ in module.named_parameters(recurse=False):
             assert name != "bias", f"{path} keeps a bias on the value path"
+
+
+@pytest.mark.parametrize("family", bcosify.list_supported("torchvision:swin*"), ids=lambda f: f.id)
+def test_torchvision_swin_with_random_biases_and_odd_sizes(family: Family):
+    """torchvision's Swin initialises every linear bias to zero; with random biases (V2's key bias too, which its
+    forward zeroes) and a feature map that needs padding and shifted-window masks at every stage, the converted
+    attention still computes the original (b=1, biases kept), and b=2 is complete."""
+    original = _original(family)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in original.named_parameters():
+            if name.endswith("bias") or name.endswith("logit_scale"):
+                param.add_(torch.randn_like(param) * 0.5)
+    x = torch.rand(2, 3, 44, 36, dtype=torch.float64)  # 11 x 9 patches: padded to 12 x 9, then 6 x 5 -> 6 x 6
+    assert equivalence_error(original, x) < 1e-10
+    bmodel = bcosify.calibrate(bcosify.convert(original), torch.rand(4, 3, 44, 36, dtype=torch.float64),
+                               progress=False)
+    e = bcosify.explain(bmodel, x)
+    assert bool((e.explained_logit.abs() > 1e-3).all())
+    assert e.completeness_error.max().item() < 1e-6
