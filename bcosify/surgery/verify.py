@@ -14,6 +14,11 @@ from ..utils import copy_module, eval_mode
 from .report import VERIFIED, ReportEntry
 
 EQUIVALENCE_BOUND, COMPLETENESS_BOUND = 1e-5, 1e-6
+#: b=2 logits smaller than this make completeness uninformative. At b=2 every layer shrinks activations by
+#: ``|cos|``; once patch norms fall below ``sqrt(eps)`` (1e-3) the epsilon dominates the norm and each layer squares
+#: its input's scale, so a deep random-init network (VGG, MobileNets, EfficientNets) underflows to exactly 0. The
+#: verification then calibrates its b=2 copy before checking completeness.
+DEGENERATE_BELOW = 1e-20
 
 
 def verify_conversion(prepared: nn.Module, config: BcosConfig, size: int,
@@ -55,8 +60,15 @@ def _verify(prepared: nn.Module, config: BcosConfig, size: int, convert, x: torc
                         f"(relative); the first module whose output diverges is {where}")
     bcos = convert(copy_module(reference), config.replace(b=2.0, keep_bias=False, logit_bias=0.0)).eval()
     e = explain(bcos, x)
+    scale = _logit_scale(e.explained_logit)
+    rescaled = ""
+    if scale < DEGENERATE_BELOW:
+        rescaled = _restore_scale(bcos, x, config)
+        if rescaled.startswith("calibrated"):
+            e = explain(bcos, x)
+            rescaled = f"b=2 logits {scale:.0e}: {rescaled}, logits {_logit_scale(e.explained_logit):.0e} after"
+    degenerate = _logit_scale(e.explained_logit) < DEGENERATE_BELOW
     completeness = e.completeness_error.max().item()
-    degenerate = not bool((e.explained_logit.abs() > 0).all())
     if not completeness < COMPLETENESS_BOUND:
         failures.append(f"at b=2 the contributions miss the logit by {completeness:.1e} (relative): the converted "
                         "model is not dynamic linear")
@@ -64,9 +76,31 @@ def _verify(prepared: nn.Module, config: BcosConfig, size: int, convert, x: torc
         raise ConversionError("verification failed: " + "; ".join(failures))
     exact_at, complete_at = ("b=1", "b=2") if config.unit == "bcos" else ("DAU at init", "DAU")
     note = (f"float64, {size} px: equivalence {equivalence:.1e} ({exact_at}, biases kept), completeness "
-            f"{completeness:.1e} ({complete_at})" + ("; logits underflow to 0 at b=2, completeness not informative" if degenerate else "")
+            f"{completeness:.1e} ({complete_at})" + (f"; {rescaled}" if rescaled else "")
+            + (f"; logits below {DEGENERATE_BELOW:.0e} at b=2 (underflow), completeness not informative"
+               if degenerate else "")
             + "".join(f"; FAILED: {f}" for f in failures))
     return ReportEntry("<verification>", "", VERIFIED, "", note)
+
+
+def _logit_scale(logits: torch.Tensor) -> float:
+    """The smallest logit magnitude (NaN when a logit is NaN: the completeness check then fails)."""
+    return logits.abs().min().item()
+
+
+def _restore_scale(bcos: nn.Module, x: torch.Tensor, config: BcosConfig) -> str:
+    """Bring the b=2 copy's activations back to scale with :func:`bcosify.calibrate` on the verification input
+    (gains baked into the weights: the copy stays dynamic linear, so its completeness is still the conversion's).
+    Returns what was done, for the report note."""
+    if config.unit != "bcos" or config.normalize_weights:
+        return f"not calibrated ({'DAU layers' if config.unit != 'bcos' else 'unit-norm weights'} take no gains)"
+    from ..training.calibration import calibrate
+
+    try:
+        calibrate(bcos, x, progress=False)
+    except Exception as error:  # noqa: BLE001 - the check goes on with the uncalibrated copy, and says why
+        return f"calibration failed ({type(error).__name__}: {str(error).strip()[:120]})"
+    return "calibrated first (bcosify.calibrate on the verification input)"
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -4,6 +4,7 @@ operation and source line when not, and every such conversion is verified in flo
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
 import torch
@@ -250,6 +251,39 @@ def test_verification_catches_wrong_rules():
     # without any rule, the forward is read and the added 0.5 refused
     with pytest.raises(ConversionError, match="adds the number 0.5"):
         bcosify.convert(Net(), mean=0.5, std=0.25)
+
+
+class _DeepPlainNet(nn.Module):
+    """Twenty plain 3x3 convolutions: at b=2 its random-init activations shrink by ``|cos|`` per layer until the
+    patch norm's epsilon dominates, and from there every layer squares their scale: the logits underflow to 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1),
+                                   *[m for _ in range(19) for m in (nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))])
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.convs(x).mean((2, 3)))
+
+
+def test_verification_calibrates_when_b2_logits_underflow():
+    torch.manual_seed(0)
+    original = _DeepPlainNet().double().eval()
+    x = _images(2, 32)
+    plain = bcosify.convert(original, mean=0.5, std=0.25, verify=False)
+    with torch.no_grad():
+        assert bool(((plain(x) - plain.logit_bias) == 0).all()), "the model should underflow: the test would be weak"
+    note = _verified(bcosify.convert(original, mean=0.5, std=0.25, verify=True))
+    assert "b=2 logits 0e+00: calibrated first (bcosify.calibrate on the verification input)" in note, note
+    assert "not informative" not in note and "FAILED" not in note, note
+    completeness = float(re.search(r"completeness ([0-9.e+-]+)", note).group(1))
+    assert completeness < 1e-6
+    after = float(re.search(r"logits ([0-9.e+-]+) after", note).group(1))
+    assert after > 1e-3
+    # unit-norm weight rows take no calibration gains: the note says so, and that completeness tells nothing there
+    note = _verified(bcosify.convert(original, mean=0.5, std=0.25, verify=True, normalize_weights=True))
+    assert "not calibrated (unit-norm weights take no gains)" in note and "not informative" in note, note
 
 
 def test_read_models_save_and_load(tmp_path):
