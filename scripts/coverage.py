@@ -177,9 +177,11 @@ def table(rows: list[dict]) -> str:
         mine = {status: n for (lib, status), n in counts.items() if lib == library}
         exact, degenerate = mine.get("exact", 0), mine.get("exact (degenerate logits)", 0)
         fits = sum(mine.values()) - mine.get("too big", 0)
+        logits = (f"in {degenerate} of them the random-init logits at b=2 stay below 1e-20 even after calibration, so "
+                  "completeness is not informative there" if degenerate else
+                  "b=2 logits non-degenerate in all, calibrated by the verification where they underflow")
         lines.append(f"- {library}: {exact + degenerate} of {fits} architectures that fit this machine convert exactly "
-                     f"({(exact + degenerate) / max(fits, 1):.0%}; in {degenerate} of them the random-init logits at b=2 "
-                     f"stay below 1e-20 even after calibration, so completeness is not informative there); "
+                     f"({(exact + degenerate) / max(fits, 1):.0%}; {logits}); "
                      + ", ".join(f"{n} {status}" for status, n in sorted(mine.items()) if not status.startswith("exact")))
     lines += ["", f"<details><summary>every model ({len(rows)})</summary>", "",
               "| library | module | model | status | equivalence | completeness | reason |", "|---|---|---|---|---|---|---|"]
