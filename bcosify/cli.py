@@ -365,6 +365,9 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unit", choices=list(UNITS),
                    help="for a spec: alignment layers, B-cos or Dynamic Alignment Units (default: the recipe's, else bcos)")
     p.add_argument("--rank", type=int, help="for a spec with --unit dau: rank of the dynamic part (default 32)")
+    p.add_argument("--temperature", type=float, help="set the model's logit temperature (logits / T) before "
+                                                     "fine-tuning; kept in the saved model (default: the recipe's, "
+                                                     "else the model's)")
     p.add_argument("--data", type=pathlib.Path,
                    help="ImageFolder root with train/ and val/ (one sub-folder of images per class); for a "
                         "fashion-mnist recipe: the folder of its IDX files")
@@ -415,7 +418,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     batch = args.batch_size or per_process_batch(data.batch_size, world_size)
     config = FinetuneConfig.from_dict(recipe.finetune).replace(**{k: v for k, v in (
         ("epochs", args.epochs), ("lr", args.lr), ("grad_accum", args.grad_accum), ("seed", args.seed),
-        ("checkpoint_every", args.checkpoint_every),
+        ("checkpoint_every", args.checkpoint_every), ("temperature", args.temperature),
         ("device", args.device), ("amp", args.amp))
         if v is not None}, resume=args.resume, checkpoint_dir=str(args.out / CHECKPOINTS), progress=not args.no_progress,
         **({"sync_bn": True} if args.sync_bn else {}))

@@ -97,6 +97,11 @@ class BcosModel(nn.Module):
             if isinstance(module, (BcosConv2d, BcosLinear)):
                 module.b = self.config.b
 
+    def set_temperature(self, value: float) -> None:
+        """Set the logit temperature: every logit is divided by it (before the logit bias is added)."""
+        self.config.temperature = BcosConfig(temperature=value).temperature
+        self.bias.temperature = self.config.temperature
+
     @contextlib.contextmanager
     def explanation_mode(self) -> Iterator["BcosModel"]:
         """Within this context, dynamic weights are detached so that input gradients are ``W(x)``."""

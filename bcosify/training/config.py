@@ -37,7 +37,11 @@ class FinetuneConfig(Options):
             process.
         b: target alignment exponent (default: the model's current ``b``).
         b_schedule, b_ramp_steps: ``fixed`` (paper) or ``linear`` from 1 to ``b`` over the given updates
-            (0 = one epoch).
+            (0 = one epoch). B-cos models only: a model of Dynamic Alignment Units has no ``b``.
+        temperature: set the model's logit temperature (every logit is divided by it) before training; the model
+            keeps it (saved in its config). CoDA-Nets train with large values (1000): a DAU's output is bounded by
+            its input's norm, so a large temperature asks for large, hence aligned, contributions. ``None`` keeps
+            the model's.
         agc_clip: adaptive gradient clipping factor (timm's ``adaptive_clip_grad``); ``None`` disables it.
         grad_accum: micro-batches per update.
         amp: ``auto`` (bf16 autocast on CUDA when supported), ``bf16`` or ``off``.
@@ -67,6 +71,7 @@ class FinetuneConfig(Options):
     b: float | None = None
     b_schedule: str = "fixed"
     b_ramp_steps: int = 0
+    temperature: float | None = None
     agc_clip: float | None = 0.01
     grad_accum: int = 1
     amp: str = "auto"
@@ -99,6 +104,8 @@ class FinetuneConfig(Options):
             raise ValueError(f"mixup, CutMix and label smoothing mix labels; loss={self.loss!r} uses none")
         if self.b is not None:
             self.b = BcosConfig(b=self.b).b
+        if self.temperature is not None:
+            self.temperature = BcosConfig(temperature=self.temperature).temperature
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume=True needs checkpoint_dir")
 

@@ -224,6 +224,11 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
     cfg = (config if config is not None else FinetuneConfig()).replace(**options)
     if not isinstance(model, BcosModel):
         raise TypeError(f"finetune needs a BcosModel (from bcosify.convert), got {type(model).__name__}")
+    if model.unit != "bcos" and (cfg.b_schedule != "fixed" or cfg.b not in (None, model.b)):
+        raise ValueError(f"b and b_schedule set the exponent of B-cos layers; this model's layers are "
+                         f"unit={model.unit!r} (use temperature to change the alignment pressure)")
+    if cfg.temperature is not None:
+        model.set_temperature(cfg.temperature)
     if cfg.loss in ("distill", "align") and teacher is None:
         raise ValueError(f"loss={cfg.loss!r} needs teacher=<the original, unconverted model>")
     try:
@@ -402,7 +407,8 @@ def finetune(model: BcosModel, train: Iterable, config: FinetuneConfig | None = 
         loss_sum, correct, seen = all_sum(loss_sum, correct, seen)
         record = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1),
                   "accuracy": correct / seen if seen and labels is not None else None,
-                  "lr": optimizer.param_groups[0]["lr"], "b": model.b, "updates": update,
+                  "lr": optimizer.param_groups[0]["lr"], "b": model.b, "temperature": model.config.temperature,
+                  "updates": update,
                   "seconds": time.perf_counter() - start}
         record["images_per_second"] = seen / record["seconds"]  # of all processes together
         record["data_share"] = waited[0] / (time.perf_counter() - session_start)  # rank 0's wait for the loader

@@ -161,6 +161,32 @@ def test_b_schedules():
     assert all(m.b == ramped.b for m in ramped.modules() if hasattr(m, "b") and isinstance(m.b, float))
 
 
+def test_temperature_option_of_a_dau_model(tmp_path):
+    """``temperature`` sets the logit temperature before training; the model keeps it, saved and reloaded; b and its
+    schedule are refused for DAU layers (they have no exponent), with a clear error and before any update."""
+    torch.manual_seed(0)
+    model = bcosify.convert(_original(), unit="dau", rank=2, mean=0.5, std=0.25)
+    x = _data(n=4).tensors[0]
+    with torch.no_grad():
+        before = model(x) - model.logit_bias
+    history = bcosify.finetune(model, _loader(), epochs=1, lr=1e-3, temperature=8.0, progress=False)
+    assert model.config.temperature == 8.0 and model.bias.temperature == 8.0
+    assert history.epochs[0]["temperature"] == 8.0
+    with torch.no_grad():
+        model.set_temperature(1.0)
+        unscaled = model(x) - model.logit_bias
+        model.set_temperature(8.0)
+        assert torch.allclose(model(x) - model.logit_bias, unscaled / 8, atol=1e-6)
+    assert not torch.allclose(unscaled, before), "the model was trained"
+    bcosify.save(model, tmp_path / "m")
+    assert bcosify.load(tmp_path / "m", model=_original()).config.temperature == 8.0
+    for options, message in (({"b_schedule": "linear"}, "unit='dau'"), ({"b": 2.5}, "unit='dau'"),
+                             ({"temperature": 0.0}, "temperature must be a finite number > 0")):
+        with pytest.raises(ValueError, match=message):
+            bcosify.finetune(model, _loader(), epochs=1, progress=False, **options)
+    assert model.config.temperature == 8.0
+
+
 def test_history_has_the_promised_fields():
     history = bcosify.finetune(_model(), _loader(), epochs=1, progress=False, schedule="cosine", warmup_steps=2)
     record = history.epochs[0]

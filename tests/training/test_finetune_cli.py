@@ -335,9 +335,9 @@ def test_finetune_a_dau_model_from_a_spec(tmp_path, one_thread):
     recipe.write_text("name: tiny\nmodel: timm:resnet10t\ndata: {dataset: image-folder, size: 32, batch_size: 8, "
                       "augment: false}\nconvert: {b: 2.0}\nfinetune: {epochs: 1, lr: 1.0e-3, agc_clip: null}\n")
     assert main(["finetune", str(recipe), "--data", str(data), "--weights", "none", "--no-progress", "--unit", "dau",
-                 "--rank", "2", "--out", str(tmp_path / "run")]) == 0
+                 "--rank", "2", "--temperature", "4", "--out", str(tmp_path / "run")]) == 0
     bmodel = bcosify.load(tmp_path / "run" / "model")
-    assert bmodel.config.unit == "dau" and bmodel.config.rank == 2
+    assert bmodel.config.unit == "dau" and bmodel.config.rank == 2 and bmodel.config.temperature == 4.0
     dynamic = [p for name, p in bmodel.named_parameters() if name.endswith(".weight_b")]
     assert dynamic and any(bool(p.any()) for p in dynamic), "the dynamic part was not trained"
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
