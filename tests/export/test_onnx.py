@@ -76,6 +76,20 @@ def test_onnx_export_checks_its_example(model, tmp_path):
         bcosify.export_onnx(nn.Conv2d(3, 3, 1), tmp_path / "m.onnx", torch.rand(1, 3, 32, 32))
 
 
+def _compiled_matches_eager(bmodel, x: torch.Tensor, parameters: bool = False):
+    """``torch.compile(bmodel)``: the eager logits (eval), and training through it the eager gradients of ``x`` (and
+    of every parameter); returns the compiled model and ``x`` (now requiring gradients)."""
+    compiled = torch.compile(bmodel)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), bmodel(x), rtol=1e-5, atol=1e-6)
+    bmodel.train()
+    x.requires_grad_(True)
+    inputs = [x, *bmodel.parameters()] if parameters else [x]
+    for a, b in zip(torch.autograd.grad(compiled(x).sum(), inputs), torch.autograd.grad(bmodel(x).sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    return compiled, x
+
+
 @pytest.mark.slow
 def test_torch_compile_gives_same_logits():
     torch.manual_seed(0)
@@ -83,16 +97,7 @@ def test_torch_compile_gives_same_logits():
                              nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
     bmodel = bcosify.calibrate(bcosify.convert(original.eval(), mean=0.5, std=0.25), torch.rand(4, 3, 16, 16),
                                progress=False)
-    compiled = torch.compile(bmodel)
-    x = torch.rand(2, 3, 16, 16)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), bmodel(x), rtol=1e-5, atol=1e-6)
-    # and training through the compiled model gives the eager gradients
-    bmodel.train()
-    x.requires_grad_(True)
-    (grad_eager,) = torch.autograd.grad(bmodel(x).sum(), x)
-    (grad_compiled,) = torch.autograd.grad(compiled(x).sum(), x)
-    torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-4, atol=1e-6)
+    _compiled_matches_eager(bmodel, torch.rand(2, 3, 16, 16))
 
 
 @pytest.mark.slow
@@ -105,16 +110,7 @@ def test_torch_compile_of_a_dau_model_gives_same_logits_and_gradients():
                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     bmodel = bcosify.convert(original.eval(), mean=0.5, std=0.25, unit="dau", rank=2, temperature=5).eval()
     randomise_dau_layers(bmodel, torch.rand(2, 3, 12, 12))
-    compiled = torch.compile(bmodel)
-    x = torch.rand(2, 3, 12, 12)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), bmodel(x), rtol=1e-5, atol=1e-6)
-    bmodel.train()
-    x.requires_grad_(True)
-    eager = torch.autograd.grad(bmodel(x).sum(), [x, *bmodel.parameters()])
-    fused = torch.autograd.grad(compiled(x).sum(), [x, *bmodel.parameters()])
-    for a, b in zip(fused, eager):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    compiled, x = _compiled_matches_eager(bmodel, torch.rand(2, 3, 12, 12), parameters=True)
     bmodel.eval()
     with bmodel.explanation_mode():
         (w_eager,) = torch.autograd.grad(bmodel(x)[:, 1].sum(), x)
