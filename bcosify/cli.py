@@ -8,7 +8,7 @@ import pathlib
 import sys
 from typing import Callable, Sequence
 
-from .config import PADDING_LAYERS, PADDING_MODES, SQUASHES, UNITS
+from .config import PADDING_LAYERS, PADDING_MODES, SQUASHES, UNIT_OPTIONS, UNITS
 from .errors import BcosifyError
 
 
@@ -61,8 +61,9 @@ def _configure_convert(p: argparse.ArgumentParser) -> None:
     p.add_argument("--padding-layers", choices=list(PADDING_LAYERS), default="first")
     p.add_argument("--padding-value", type=float, nargs="+", metavar="V",
                    help="--padding-mode constant: the padding colour in [0, 1] per channel, e.g. 0 for black")
-    p.add_argument("--center-grid", action="store_true",
-                   help="shift the last stride-2 downsampling by one so the output grid is centred on the image")
+    p.add_argument("--center-grid", nargs="?", const=True, default=False, choices=["auto"],
+                   help="shift the last stride-2 downsampling by one so the output grid is centred on the image "
+                        "(refused where it cannot be shifted; --center-grid auto: shifted where it can)")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON constructor arguments, e.g. \'{"in_chans": 1}\'')
     _add_calibration_arguments(p, size=True)
 
@@ -430,9 +431,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                           ("--model-kwargs", args.model_kwargs), ("--unit", args.unit),
                                           ("--rank", args.rank is not None)) if given]
     unit = {k: v for k, v in (("unit", args.unit), ("rank", args.rank)) if v is not None}
+    convert = dict(recipe.convert)
+    recipe_unit = convert.get("unit", "bcos")
+    if args.unit is not None and args.unit != recipe_unit:  # the recipe's options of its own unit do not apply
+        dropped = [k for k in UNIT_OPTIONS[recipe_unit] if convert.pop(k, None) is not None]
+        if dropped and rank == 0:
+            print(f"--unit {args.unit}: not using the recipe's {recipe_unit} options {', '.join(dropped)}",
+                  file=sys.stderr)
     bmodel, original = _load_or_convert(model, args.weights, args.key_map,
                                         {**recipe.model_kwargs, **args.model_kwargs},
-                                        spec_only, **{**recipe.convert, **unit, "num_classes": len(classes),
+                                        spec_only, **{**convert, **unit, "num_classes": len(classes),
                                                       "class_names": classes})
     if (bmodel.num_classes, bmodel.in_chans) != (len(classes), data.channels):
         raise ValueError(f"the model {model!r} takes {bmodel.in_chans} channels and has {bmodel.num_classes} "

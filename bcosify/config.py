@@ -12,8 +12,12 @@ from typing import Any, Sequence
 TOKEN_POOLS = (None, "mean")
 PADDING_MODES = ("zeros", "replicate", "reflect", "constant")  # as bcosify.nn.bcos.PADDING_MODES
 PADDING_LAYERS = ("first", "all")
+CENTER_GRID = (False, True, "auto")
 #: the alignment units a model can be converted to: B-cos layers, or Dynamic Alignment Units (CoDA-Nets)
 UNITS = ("bcos", "dau")
+#: the options only one unit has (the other unit refuses them when set)
+UNIT_OPTIONS = {"bcos": ("b", "normalize_weights", "padding_mode", "padding_layers", "padding_value", "center_grid"),
+                "dau": ("rank", "squash")}
 DEFAULT_B = 2.0
 #: the squashing functions of DAU layers, and their default rank
 SQUASHES = ("squash", "l2")
@@ -105,6 +109,9 @@ class BcosConfig(Options):
             output position sits on the top-left pixel, and explanations pile up there). Shifting the last
             stride-2 layers (every branch of that stage) by one moves the grid by half the total stride: 0.5 px off
             centre. B-cos only; changes the function (fine-tune after); input sizes divisible by the total stride.
+            ``True`` refuses a network whose last downsampling cannot be shifted (pooling, larger strides, "same"
+            padding); ``"auto"`` shifts it where it can and otherwise leaves the grid as it is (said in the report):
+            what a recipe uses, so that it also runs with another ``--model``.
         padding_value: with ``padding_mode="constant"``, the padding colour in ``[0, 1]`` per input channel
             (one value is repeated). Default (resolved at conversion): the normalization mean, the colour the
             original model's zero padding of normalized images stands for, so ``b=1`` with biases still computes
@@ -137,7 +144,7 @@ class BcosConfig(Options):
     padding_mode: str = "zeros"
     padding_layers: str = "first"
     padding_value: tuple[float, ...] | None = None
-    center_grid: bool = False
+    center_grid: bool | str = False
     strict: bool = True
     class_names: tuple[str, ...] | None = None
     in_chans: int | None = None
@@ -175,6 +182,8 @@ class BcosConfig(Options):
             self.padding_value = _float_tuple("padding_value", self.padding_value)
             if not all(0 <= v <= 1 for v in self.padding_value):
                 raise ValueError(f"padding_value is a colour in [0, 1] per channel, got {self.padding_value}")
+        if self.center_grid not in CENTER_GRID:
+            raise ValueError(f"center_grid must be one of {CENTER_GRID}, got {self.center_grid!r}")
         if self.padding_mode == "constant" and self.padding_layers != "first":
             raise ValueError("padding_mode='constant' pads the image (a colour), so it applies to "
                              "padding_layers='first' only")
@@ -205,7 +214,7 @@ class BcosConfig(Options):
         given = ([f"b={self.b:g}"] if self.b != DEFAULT_B else []) + \
             (["normalize_weights=True"] if self.normalize_weights else []) + \
             ([f"padding_mode={self.padding_mode!r}"] if self.padding_mode != "zeros" else []) + \
-            (["center_grid=True"] if self.center_grid else [])
+            ([f"center_grid={self.center_grid!r}"] if self.center_grid else [])
         if given:
             raise ValueError(f"{' and '.join(given)}: {'B-cos options' if len(given) > 1 else 'a B-cos option'} that "
                              "unit='dau' does not have (DAU layers have no alignment exponent and keep the pretrained "

@@ -14,7 +14,7 @@ from .errors import ConversionError
 from .model import BcosModel
 from .nn import BcosConv2d, fold_input_normalization, resolve_normalization
 from .surgery.engine import convert_modules, replace_classifier
-from .surgery.report import CONSTANT, SHIFTED, ConversionReport, type_name
+from .surgery.report import CONSTANT, KEPT, SHIFTED, ConversionReport, type_name
 from .surgery.rules import DESCEND, FIRST_LAYER_TYPES, PLAIN_CONVS, RULES, Rule
 from .surgery.trace import trace
 from .training.calibration import calibrate as calibrate_model
@@ -157,15 +157,22 @@ def _center_grid(network: nn.Module, config: BcosConfig, size: int, report: Conv
 
     strided = [(path, m, h) for path, m, h in seen if stride(m) > 1]
     if not strided:
+        if config.center_grid == "auto":
+            report.add("", network, KEPT, note="center_grid='auto': no strided layer, no grid to shift")
+            return
         raise ConversionError("center_grid=True needs a network that downsamples with strided convolutions; "
                               "this one has none")
     smallest = min(h for _, _, h in strided)
     last = [(path, m) for path, m, h in strided if h == smallest]
     for path, m in last:
         if not isinstance(m, BcosConv2d) or m.same_padding or stride(m) != 2:
-            raise ConversionError(f"center_grid=True shifts the last downsampling, and {path} "
-                                  f"({type_name(m)}, stride {stride(m)}) is part of it: only stride-2 B-cos "
-                                  "convolutions with explicit padding can be shifted")
+            blocker = (f"{path} ({type_name(m)}, stride {stride(m)}) is part of it: only stride-2 B-cos "
+                       "convolutions with explicit padding can be shifted")
+            if config.center_grid == "auto":
+                report.add(path, m, KEPT, note=f"center_grid='auto': grid left as is; the last downsampling "
+                                               f"cannot be shifted: {blocker}")
+                return
+            raise ConversionError(f"center_grid=True shifts the last downsampling, and {blocker}")
     for path, m in last:
         m.set_grid_shift(1)
         report.add(path, m, SHIFTED, note="center_grid: samples one position later (output grid centred)")

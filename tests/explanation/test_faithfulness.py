@@ -307,6 +307,14 @@ def test_center_grid_refuses_what_it_cannot_shift():
                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     with pytest.raises(bcosify.ConversionError, match=r"center_grid=True shifts the last downsampling, and 1 "):
         bcosify.convert(pooled_last, mean=[0.5], std=[0.5], center_grid=True)
+    # "auto" (what the recipes use, so that they run with any --model): left as is, and said in the report
+    left = bcosify.convert(pooled_last, mean=[0.5], std=[0.5], center_grid="auto")
+    assert not left.report.by_action("shifted")
+    assert [e.path for e in left.report.entries if "center_grid='auto': grid left as is" in e.note] == ["1"]
+    shifted = bcosify.convert(_resnet(), mean=[0.3], std=[0.35], center_grid="auto")
+    assert [e.path for e in shifted.report.by_action("shifted")] == ["layer4.0.conv1", "layer4.0.downsample.0"]
+    with pytest.raises(ValueError, match="center_grid must be one of"):
+        bcosify.BcosConfig(center_grid="yes")
 
 
 def test_padding_options_are_checked():

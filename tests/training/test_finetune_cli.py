@@ -327,15 +327,18 @@ def test_align_under_ddp(tmp_path):
     assert 0 < record["loss"] < 2 and record["updates"] == 4
 
 
-def test_finetune_a_dau_model_from_a_spec(tmp_path, one_thread):
-    """``--unit dau --rank R``: the spec is converted to DAU layers, fine-tuned (the dynamic part moves) and saved
-    with its unit; the saved model explains its logits exactly."""
+def test_finetune_a_dau_model_from_a_spec(tmp_path, one_thread, capsys):
+    """``--unit dau --rank R``: the spec is converted to DAU layers (the recipe's B-cos options left out, said on
+    stderr), fine-tuned (the dynamic part moves) and saved with its unit; the saved model explains its logits
+    exactly."""
     data = _image_folder(tmp_path / "data", {"train": ["cat", "dog"], "val": ["cat", "dog"]}, n=4)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("name: tiny\nmodel: timm:resnet10t\ndata: {dataset: image-folder, size: 32, batch_size: 8, "
-                      "augment: false}\nconvert: {b: 2.0}\nfinetune: {epochs: 1, lr: 1.0e-3, agc_clip: null}\n")
+                      "augment: false}\nconvert: {b: 2.0, padding_mode: constant, center_grid: auto}\n"
+                      "finetune: {epochs: 1, lr: 1.0e-3, agc_clip: null}\n")
     assert main(["finetune", str(recipe), "--data", str(data), "--weights", "none", "--no-progress", "--unit", "dau",
                  "--rank", "2", "--temperature", "4", "--out", str(tmp_path / "run")]) == 0
+    assert "--unit dau: not using the recipe's bcos options b, padding_mode, center_grid" in capsys.readouterr().err
     bmodel = bcosify.load(tmp_path / "run" / "model")
     assert bmodel.config.unit == "dau" and bmodel.config.rank == 2 and bmodel.config.temperature == 4.0
     dynamic = [p for name, p in bmodel.named_parameters() if name.endswith(".weight_b")]
