@@ -354,6 +354,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _configure_finetune(p: argparse.ArgumentParser) -> None:
+    from .training.config import LOSSES
+
     p.add_argument("recipe", help="a shipped recipe name (bcosify.training.list_recipes()) or a recipe YAML file")
     p.add_argument("--out", required=True, type=pathlib.Path,
                    help="output folder: checkpoints/, metrics.jsonl (one JSON line per epoch), model/ (final model)")
@@ -370,8 +372,11 @@ def _configure_finetune(p: argparse.ArgumentParser) -> None:
                                                      "fine-tuning; kept in the saved model (default: the recipe's, "
                                                      "else the model's)")
     p.add_argument("--data", type=pathlib.Path,
-                   help="ImageFolder root with train/ and val/ (one sub-folder of images per class); for a "
-                        "fashion-mnist recipe: the folder of its IDX files")
+                   help="ImageFolder root with train/ and val/ (one sub-folder of images per class; train/ may be a "
+                        "plain folder of images for --loss distill or align), or a plain folder of images alone "
+                        "(label-free, no validation); for a fashion-mnist recipe: the folder of its IDX files")
+    p.add_argument("--loss", choices=LOSSES,
+                   help="training loss (default: the recipe's); distill and align use no labels")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the recipe's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     p.add_argument("--batch-size", type=int, help="images per process and step (default: the recipe's global "
@@ -400,6 +405,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     import bcosify
     from .training import FinetuneConfig, load_recipe
+    from .data import DataError, PlainImageFolder
+    from .training.config import LABEL_FREE_LOSSES
     from .training.data import DataConfig, build_datasets, folder_root, per_process_batch
     from .training.distributed import world
     from .training.run import CHECKPOINTS, MODEL, run_finetune
@@ -418,12 +425,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     rank, world_size, _ = world()
     batch = args.batch_size or per_process_batch(data.batch_size, world_size)
     config = FinetuneConfig.from_dict(recipe.finetune).replace(**{k: v for k, v in (
-        ("epochs", args.epochs), ("lr", args.lr), ("grad_accum", args.grad_accum), ("seed", args.seed),
-        ("checkpoint_every", args.checkpoint_every), ("temperature", args.temperature),
+        ("epochs", args.epochs), ("lr", args.lr), ("loss", args.loss), ("grad_accum", args.grad_accum),
+        ("seed", args.seed), ("checkpoint_every", args.checkpoint_every), ("temperature", args.temperature),
         ("device", args.device), ("amp", args.amp))
         if v is not None}, resume=args.resume, checkpoint_dir=str(args.out / CHECKPOINTS), progress=not args.no_progress,
         **({"sync_bn": True} if args.sync_bn else {}))
     train, val, classes = build_datasets(data)
+    unlabelled = isinstance(train, PlainImageFolder)
+    if unlabelled and config.loss not in LABEL_FREE_LOSSES:
+        raise DataError(f"loss {config.loss!r} needs labels, but the training folder {data.root!r} is a plain folder "
+                        "of images without class sub-folders: use --loss align or --loss distill (label-free), or "
+                        "sort the images into one sub-folder per class")
     if config.seed is not None:
         torch.manual_seed(config.seed)  # new layers (--weights none, a new classifier) start alike in every run
     model = args.model or recipe.model
@@ -440,11 +452,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                   file=sys.stderr)
     bmodel, original = _load_or_convert(model, args.weights, args.key_map,
                                         {**recipe.model_kwargs, **args.model_kwargs},
-                                        spec_only, **{**convert, **unit, "num_classes": len(classes),
-                                                      "class_names": classes})
-    if (bmodel.num_classes, bmodel.in_chans) != (len(classes), data.channels):
+                                        spec_only, **{**convert, **unit, **(
+                                            {} if unlabelled else {"num_classes": len(classes),
+                                                                   "class_names": classes})})
+    if bmodel.in_chans != data.channels or (classes is not None and bmodel.num_classes != len(classes)):
+        data_classes = f" and {len(classes)} classes" if classes is not None else ""
         raise ValueError(f"the model {model!r} takes {bmodel.in_chans} channels and has {bmodel.num_classes} "
-                         f"classes; the data have {data.channels} channels and {len(classes)} classes")
+                         f"classes; the data have {data.channels} channels{data_classes}")
     if args.calibrate_data is not None:
         if original is None:
             raise ValueError("--calibrate-data matches the converted model to the original: give the model as a "
@@ -453,7 +467,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                           progress=not args.no_progress)
     history = run_finetune(bmodel, train, val, config, args.out, batch_size=batch, workers=data.workers,
                            class_names=classes,
-                           teacher=original if config.loss in ("distill", "align") else None)
+                           teacher=original if config.loss in LABEL_FREE_LOSSES else None)
     if rank == 0:
         last = history.epochs[-1] if history.epochs else {}
         accuracy = f"; validation accuracy {last['val_accuracy']:.2%}" if "val_accuracy" in last else ""

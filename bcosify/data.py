@@ -138,28 +138,68 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Te
     return torch.cat(out)
 
 
+def _folder_transform(size: int, channels: int):
+    """Resize and centre-crop a PIL image (read as RGB) to a ``(channels, size, size)`` tensor in [0, 1]."""
+    from torchvision import transforms
+
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    steps = [transforms.Resize(size), transforms.CenterCrop(size)]  # the loader yields RGB images
+    if channels == 1:
+        steps.append(transforms.Grayscale())
+    return transforms.Compose(steps + [transforms.ToTensor()])
+
+
 def image_folder(root: str | os.PathLike, size: int = 224, channels: int = 3, *, transform=None):
     """A ``torchvision.datasets.ImageFolder`` (one sub-folder per class) as ``size x size`` images in [0, 1].
 
     ``transform`` (PIL image -> tensor in [0, 1]) replaces the default resize and centre crop, e.g. for training
     augmentation.
     """
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     root = pathlib.Path(root)
     if not root.is_dir():
         raise DataError(f"image folder {str(root)!r} not found (expected one sub-folder of images per class)")
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
-    if transform is None:
-        steps = [transforms.Resize(size), transforms.CenterCrop(size)]  # the loader yields RGB images
-        if channels == 1:
-            steps.append(transforms.Grayscale())
-        transform = transforms.Compose(steps + [transforms.ToTensor()])
+    default = _folder_transform(size, channels)
     try:
-        return datasets.ImageFolder(str(root), transform=transform)
+        return datasets.ImageFolder(str(root), transform=transform or default)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"cannot use {str(root)!r} as an image folder: {e}") from None
+
+
+def has_class_folders(root: str | os.PathLike) -> bool:
+    """Whether ``root`` holds sub-folders (read as class folders, as ImageFolder does) rather than being a plain
+    folder of images."""
+    root = pathlib.Path(root)
+    return root.is_dir() and any(entry.is_dir() for entry in root.iterdir())
+
+
+class PlainImageFolder(Dataset):
+    """The image files of a plain folder (no class sub-folders), each read as RGB and ``transform``-ed
+    (default: resized and centre-cropped to ``size x size``, ``channels`` channels, in [0, 1]).
+
+    Items are images alone, without labels: training data for the label-free losses (``distill``, ``align``).
+
+    Raises:
+        DataError: ``root`` is missing, holds sub-folders (use :func:`image_folder`) or holds no image files.
+    """
+
+    def __init__(self, root: str | os.PathLike, size: int = 224, channels: int = 3, *, transform=None) -> None:
+        self.root = pathlib.Path(root)
+        if has_class_folders(self.root):
+            raise DataError(f"{str(self.root)!r} holds sub-folders: read it as an image folder with classes")
+        self.files = image_files(self.root)
+        self.transform = transform or _folder_transform(size, channels)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.files[index]) as image:
+            return self.transform(image.convert("RGB"))
 
 
 # --------------------------------------------------------------------------- normalization

@@ -9,6 +9,8 @@ from typing import Any
 from ..config import BcosConfig, Options
 
 LOSSES = ("bce", "bce_uniform", "ce", "distill", "align")
+#: the losses that use no labels: they match the original (the teacher) on the same images
+LABEL_FREE_LOSSES = ("distill", "align")
 B_SCHEDULES = ("fixed", "linear")
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adam", "adamw")

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from ..config import Options
-from ..data import DataError, fashion_mnist, image_folder
+from ..data import DataError, PlainImageFolder, fashion_mnist, has_class_folders, image_files, image_folder
 
 DATASETS = ("image-folder", "fashion-mnist")
 
@@ -24,7 +24,9 @@ class DataConfig(Options):
     Attributes:
         dataset: ``image-folder`` (torchvision ImageFolder layout: one sub-folder of images per class) or
             ``fashion-mnist`` (the IDX files; ``root`` defaults to the Debian package's folder).
-        root, val_root: training and validation folders (image-folder); the IDX folder (fashion-mnist).
+        root, val_root: training and validation folders (image-folder); the IDX folder (fashion-mnist). A
+            training folder without sub-folders is a plain folder of unlabelled images (for the label-free losses;
+            ``val_root`` optional then).
         size: images are ``size x size``; channels: 1 (grey) or 3.
         batch_size: the **global** batch, split evenly over the processes of a distributed run.
         limit, val_limit: use only the first N training / validation images (fashion-mnist).
@@ -84,21 +86,35 @@ def train_transform(config: DataConfig):
     return transforms.Compose(steps)
 
 
-def build_datasets(config: DataConfig) -> tuple[Dataset, Dataset, tuple[str, ...]]:
+def build_datasets(config: DataConfig) -> tuple[Dataset, Dataset | None, tuple[str, ...] | None]:
     """``(train, val, class names)`` of ``config``: images in [0, 1] with integer labels.
 
+    An image-folder ``root`` without class sub-folders is a plain folder of images: its items are images alone
+    (a :class:`~bcosify.data.PlainImageFolder`, for the label-free losses ``distill`` and ``align``), ``val_root``
+    is then optional (``val`` is ``None`` without it), and the class names are the validation folder's (``None``
+    without one).
+
     Raises:
-        DataError: a folder is missing or holds no images, or train and val have different class folders.
+        DataError: a folder is missing or holds no images, train and val have different class folders, or a
+            validation folder has no class sub-folders.
     """
     if config.dataset == "fashion-mnist":
         kwargs: dict[str, Any] = dict(root=config.root, size=config.size, channels=config.channels)
         train = fashion_mnist("train", limit=config.limit, **kwargs)
         return train, fashion_mnist("test", limit=config.val_limit, **kwargs), train.classes
-    if not config.root or not config.val_root:
+    plain = bool(config.root) and pathlib.Path(config.root).is_dir() and not has_class_folders(config.root)
+    if not config.root or not (config.val_root or plain):
         raise DataError("image-folder data needs a training and a validation folder: --data DIR (with DIR/train "
-                        "and DIR/val) or root and val_root in the recipe")
+                        "and DIR/val) or root and val_root in the recipe; for label-free fine-tuning the training "
+                        "folder may be a plain folder of images, without validation")
+    if config.val_root and pathlib.Path(config.val_root).is_dir() and not has_class_folders(config.val_root):
+        raise DataError(f"the validation folder {config.val_root!r} has no class sub-folders: validation measures "
+                        "accuracy and needs labels (one sub-folder of images per class)")
+    val = image_folder(config.val_root, config.size, config.channels) if config.val_root else None
+    if plain:
+        train = PlainImageFolder(config.root, transform=train_transform(config))
+        return train, val, tuple(val.classes) if val is not None else None
     train = image_folder(config.root, config.size, config.channels, transform=train_transform(config))
-    val = image_folder(config.val_root, config.size, config.channels)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
@@ -124,13 +140,15 @@ def default_workers(cuda: bool) -> int:
     return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))) - 1))
 
 
-def build_loaders(train: Dataset, val: Dataset, batch_size: int, *, workers: int = 0, seed: int = 0,
-                  rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> tuple[DataLoader, DataLoader]:
+def build_loaders(train: Dataset, val: Dataset | None, batch_size: int, *, workers: int = 0, seed: int = 0,
+                  rank: int = 0, world_size: int = 1,
+                  pin_memory: bool = False) -> tuple[DataLoader, DataLoader | None]:
     """Loaders of this process's share: ``batch_size`` images per process and step.
 
     Training batches come from a ``DistributedSampler`` (shuffled with ``seed`` and the epoch, incomplete last
     batches dropped) in every run, so that the ``world_size`` processes of one step see together exactly the
-    global batch a single process would see. Validation images are split without repeats (``rank::world_size``).
+    global batch a single process would see. Validation images are split without repeats (``rank::world_size``;
+    no ``val``, no validation loader).
     Worker processes draw their seeds from ``seed`` and ``rank``: reproducible, and different in every process, so
     that the processes do not augment their images alike.
     """
@@ -139,10 +157,12 @@ def build_loaders(train: Dataset, val: Dataset, batch_size: int, *, workers: int
         raise DataError(f"{len(train)} training images are fewer than one global batch of "
                         f"{batch_size * world_size}")
     common = dict(num_workers=workers, pin_memory=pin_memory, persistent_workers=workers > 0)
-    val_share = Subset(val, range(rank, len(val), world_size)) if world_size > 1 else val
     seeds = torch.Generator().manual_seed(seed + 1_000_003 * rank)  # else every process's workers alike
-    return (DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True, generator=seeds, **common),
-            DataLoader(val_share, batch_size=batch_size, **common))
+    train_loader = DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=True, generator=seeds, **common)
+    if val is None:
+        return train_loader, None
+    val_share = Subset(val, range(rank, len(val), world_size)) if world_size > 1 else val
+    return train_loader, DataLoader(val_share, batch_size=batch_size, **common)
 
 
 def set_epoch(loader: Iterable, epoch: int) -> None:
@@ -152,11 +172,14 @@ def set_epoch(loader: Iterable, epoch: int) -> None:
         sampler.set_epoch(epoch)
 
 
-def folder_root(data: str | pathlib.Path) -> dict[str, str]:
-    """``root``/``val_root`` options for an ImageFolder tree with ``train/`` and ``val/`` sub-folders."""
+def folder_root(data: str | pathlib.Path) -> dict[str, str | None]:
+    """``root``/``val_root`` options for an ImageFolder tree with ``train/`` and ``val/`` sub-folders, or for a plain
+    folder of images without sub-folders (``root`` alone: label-free fine-tuning without validation)."""
     data = pathlib.Path(data)
     missing = [name for name in ("train", "val") if not (data / name).is_dir()]
-    if missing:
-        raise DataError(f"--data {str(data)!r} must hold train/ and val/ folders (one sub-folder per class); "
-                        f"missing: {', '.join(missing)}")
-    return {"root": str(data / "train"), "val_root": str(data / "val")}
+    if not missing:
+        return {"root": str(data / "train"), "val_root": str(data / "val")}
+    if data.is_dir() and not has_class_folders(data) and image_files(data):
+        return {"root": str(data), "val_root": None}
+    raise DataError(f"--data {str(data)!r} must hold train/ and val/ folders (one sub-folder per class), or be a "
+                    f"plain folder of images (label-free fine-tuning); missing: {', '.join(missing)}")

@@ -354,3 +354,43 @@ def test_finetune_a_dau_model_from_a_spec(tmp_path, one_thread, capsys):
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     e = bcosify.explain(bmodel.double(), x)
     assert e.completeness_error.max() < 1e-6
+
+
+def _plain_folder(root: pathlib.Path, n: int = 16) -> pathlib.Path:
+    """``n`` small PNGs directly in ``root``: no class sub-folders."""
+    root.mkdir(parents=True)
+    g = torch.Generator().manual_seed(1)
+    for i in range(n):
+        Image.fromarray((torch.rand(36, 40, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / f"{i}.png")
+    return root
+
+
+def test_plain_image_folders_train_label_free_and_refuse_labelled_losses(tmp_path, capsys, one_thread):
+    plain = _plain_folder(tmp_path / "plain")
+    tree = tmp_path / "tree"  # train/: plain images; val/: class folders, to measure accuracy
+    shutil.copytree(plain, tree / "train")
+    _image_folder(tree, {"val": ["a", "b", "c"]}, n=2)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: tiny\nmodel: timm:resnet10t\ndata: {dataset: image-folder, size: 32, batch_size: 8}\n"
+                      "convert: {b: 2.0}\nfinetune: {epochs: 1, lr: 1.0e-3, loss: align}\n")
+    vit = [*TINY_VIT[:-1], TINY_VIT[-1][:-1] + ', "num_classes": 3}']
+    common = ["finetune", str(recipe), *vit, "--no-progress"]
+    assert main([*common, "--data", str(plain), "--out", str(tmp_path / "align")]) == 0
+    record = json.loads((tmp_path / "align" / "metrics.jsonl").read_text())
+    assert record["updates"] == 2 and "val_accuracy" not in record and 0 <= record["loss"] < 2
+    assert bcosify.load(tmp_path / "align" / "model").num_classes == 3
+    assert main([*common, "--data", str(tree), "--loss", "distill", "--out", str(tmp_path / "distill")]) == 0
+    record = json.loads((tmp_path / "distill" / "metrics.jsonl").read_text())
+    assert record["updates"] == 2 and 0 <= record["val_accuracy"] <= 1
+    assert bcosify.load(tmp_path / "distill" / "model").class_names == ("a", "b", "c")
+    capsys.readouterr()
+    for loss in ("bce", "ce"):  # labelled losses are refused before any model is built
+        message = _error(capsys, *common[1:], "--data", str(plain), "--loss", loss, "--out", str(tmp_path / "x"))
+        assert f"loss {loss!r} needs labels" in message and "plain folder of images" in message
+    shutil.copytree(plain, tree / "plain-val")
+    config = DataConfig(root=str(plain), val_root=str(tree / "plain-val"), size=32)
+    with pytest.raises(bcosify.data.DataError, match="has no class sub-folders"):
+        build_datasets(config)
+    train, val, classes = build_datasets(config.replace(val_root=None))
+    assert len(train) == 16 and val is None and classes is None and train[0].shape == (3, 32, 32)
+    assert not (tmp_path / "x").exists()
