@@ -407,7 +407,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from .training import FinetuneConfig, load_recipe
     from .data import DataError, PlainImageFolder
     from .training.config import LABEL_FREE_LOSSES
-    from .training.data import DataConfig, build_datasets, folder_root, per_process_batch
+    from .training.data import DataConfig, build_datasets, first_images, folder_root, per_process_batch
     from .training.distributed import world
     from .training.run import CHECKPOINTS, MODEL, run_finetune
 
@@ -465,6 +465,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                              "spec, or calibrate when converting (bcosify convert --calibrate-data)")
         bcosify.calibrate(bmodel, _calibration_images(args, data.size, data.channels), original=original,
                           progress=not args.no_progress)
+    elif recipe.calibrate_images and original is not None:  # the recipe's default: its first training images
+        bcosify.calibrate(bmodel, first_images(train, recipe.calibrate_images), original=original,
+                          progress=not args.no_progress)
+    elif recipe.calibrate_images and rank == 0:
+        print(f"recipe {recipe.name!r} calibrates a converted model against its original; the saved model {model} "
+              "has none, so it is fine-tuned as it is (calibrate when converting: bcosify convert --calibrate-data)")
     history = run_finetune(bmodel, train, val, config, args.out, batch_size=batch, workers=data.workers,
                            class_names=classes,
                            teacher=original if config.loss in LABEL_FREE_LOSSES else None)

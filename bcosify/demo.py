@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, imagenet_categories, normalize, sample_photos
 from .errors import CheckpointError
 from .training import FinetuneConfig, Recipe, evaluate, load_recipe, train_original
-from .training.data import DataConfig, build_datasets, build_loaders
+from .training.data import DataConfig, build_datasets, build_loaders, first_images
 from .training.run import run_finetune
 from .utils import atomic_write
 from .weights import build_model
@@ -106,6 +106,11 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     original_accuracy = evaluate(original, test, mean=mean, std=std, progress=progress)
 
     bmodel = bcosify.convert(original, **{"mean": mean, "std": std, **spec.convert})
+    converted_accuracy = evaluate(bmodel, test, progress=progress)  # epoch 0: usable before fine-tuning?
+    calibrated_accuracy = None
+    if spec.calibrate_images:  # restore the activation scale on unlabelled training images
+        bcosify.calibrate(bmodel, first_images(train_set, spec.calibrate_images), original=original, progress=False)
+        calibrated_accuracy = evaluate(bmodel, test, progress=progress)
     config = FinetuneConfig.from_dict(spec.finetune).replace(progress=progress, **({} if epochs is None else
                                                                                    {"epochs": epochs}))
     history = run_finetune(bmodel, train_set, test_set, config, out, batch_size=data.batch_size,
@@ -131,7 +136,9 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     pictures = [viz.save_explanation_grid(out / "explanations.png", x[:8], shown, class_names=classes,
                                           labels=[f"true {classes[int(t)]}" for t in y[:8]])]
 
-    summary = {"original_accuracy": original_accuracy, "bcosified_accuracy": bcosified_accuracy,
+    summary = {"original_accuracy": original_accuracy, "converted_accuracy": converted_accuracy,
+               "calibrated_accuracy": calibrated_accuracy, "calibrate_images": spec.calibrate_images,
+               "bcosified_accuracy": bcosified_accuracy,
                "completeness_error_max": completeness, "border_share": border,
                "top_left_share": corner, "foreground_share": garment,
                "gridpg_2x2": {**gridpg, "grids": DEMO_GRIDS}, "epochs": len(history.epochs),
@@ -141,6 +148,9 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     print()
     print(f"{'model':28s} {'test accuracy':>14s}")
     print(f"{'original ' + spec.model:28s} {original_accuracy:>14.2%}")
+    print(f"{'converted, epoch 0':28s} {converted_accuracy:>14.2%}")
+    if calibrated_accuracy is not None:
+        print(f"{'calibrated, epoch 0':28s} {calibrated_accuracy:>14.2%}")
     print(f"{'B-cosified (b=' + format(bmodel.b, 'g') + ')':28s} {bcosified_accuracy:>14.2%}")
     print(f"completeness error (max over 64 test images, float64): {completeness:.1e}")
     size = x.shape[-1] * x.shape[-2]

@@ -44,12 +44,15 @@ def row(name: str) -> str:
     if ft.weight_decay:
         optimiser += f", wd {_number(ft.weight_decay)}"
     schedule = (f"{ft.warmup_steps} warm-up steps, " if ft.warmup_steps else "") + ft.schedule
-    loss = {"bce": "BCE", "bce_uniform": "BCE (uniform off-labels)", "ce": "CE", "distill": "distillation"}[ft.loss]
+    loss = {"bce": "BCE", "bce_uniform": "BCE (uniform off-labels)", "ce": "CE", "distill": "distillation",
+            "align": "feature alignment"}[ft.loss]
     b = _number(ft.b if ft.b is not None else recipe.convert.get("b", 2.0))
     other = [f"AGC {_number(ft.agc_clip)}" if ft.agc_clip is not None else "no AGC"]
     other += [f"{label} {_number(value)}" for label, value in (
         ("mixup", ft.mixup_alpha), ("CutMix", ft.cutmix_alpha), ("label smoothing", ft.label_smoothing),
         ("grad accumulation", ft.grad_accum if ft.grad_accum > 1 else 0)) if value]
+    if recipe.calibrate_images:
+        other.append(f"calibrated on {recipe.calibrate_images} training images")
     if recipe.original:
         other.append(f"trains the original first ({recipe.original.get('epochs', 1)} epochs): the demo")
     return (f"| `{name}` | {model} | {data_text} | {data.batch_size} | {optimiser} | {schedule} | {ft.epochs} | "

@@ -123,6 +123,12 @@ def build_datasets(config: DataConfig) -> tuple[Dataset, Dataset | None, tuple[s
     return train, val, tuple(train.classes)
 
 
+def first_images(dataset: Dataset, count: int) -> torch.Tensor:
+    """The first ``count`` images of ``dataset`` (its labels, if any, dropped) as one batch: calibration images."""
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    return torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items])
+
+
 def per_process_batch(global_batch: int, world_size: int) -> int:
     """The batch of each of ``world_size`` processes that together make ``global_batch``."""
     if global_batch % world_size:

@@ -17,11 +17,16 @@ from .data import DataConfig
 
 RECIPES = importlib.resources.files(__package__) / "recipes"  # package data: found in wheels and zip imports
 _ORIGINAL_KEYS = {"epochs", "lr"}
+_CALIBRATE_KEYS = {"images"}
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named set of settings: which model, which data, how to convert and how to fine-tune."""
+    """A named set of settings: which model, which data, how to convert and how to fine-tune.
+
+    ``calibrate: {images: N}``: after conversion, :func:`bcosify.calibrate` the model against the original on the
+    first N training images (labels unused) before fine-tuning; absent, no calibration.
+    """
 
     name: str
     description: str
@@ -30,7 +35,13 @@ class Recipe:
     data: dict[str, Any] = field(default_factory=dict)
     original: dict[str, Any] = field(default_factory=dict)
     convert: dict[str, Any] = field(default_factory=dict)
+    calibrate: dict[str, Any] = field(default_factory=dict)
     finetune: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def calibrate_images(self) -> int:
+        """How many training images calibrate the converted model (0: no calibration)."""
+        return int(self.calibrate.get("images", 0))
 
 
 def list_recipes() -> list[str]:
@@ -56,15 +67,19 @@ def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     if unknown or "name" not in raw or "model" not in raw:
         raise ValueError(f"recipe {str(path)!r}: unknown keys {unknown} or missing name/model; keys: {sorted(known)}")
     for section, allowed in (("data", set(DataConfig.option_names())), ("original", _ORIGINAL_KEYS),
+                             ("calibrate", _CALIBRATE_KEYS),
                              ("convert", set(BcosConfig.option_names())),
                              ("finetune", set(FinetuneConfig.option_names()))):
         bad = sorted(set(raw.get(section) or {}) - allowed)
         if bad:
             raise ValueError(f"recipe {str(path)!r}: unknown {section} options {bad}; known: {sorted(allowed)}")
     BcosConfig(**(raw.get("convert") or {}))  # validate values now, not after an hour of training
+    images = (raw.get("calibrate") or {}).get("images", 0)
+    if isinstance(images, bool) or not isinstance(images, int) or images < 0:
+        raise ValueError(f"recipe {str(path)!r}: calibrate images must be a non-negative integer, got {images!r}")
     DataConfig(**(raw.get("data") or {}))
     FinetuneConfig(**(raw.get("finetune") or {}))
     return Recipe(name=raw["name"], description=raw.get("description", ""), model=raw["model"],
                   model_kwargs=raw.get("model_kwargs") or {}, data=raw.get("data") or {},
                   original=raw.get("original") or {}, convert=raw.get("convert") or {},
-                  finetune=raw.get("finetune") or {})
+                  calibrate=raw.get("calibrate") or {}, finetune=raw.get("finetune") or {})

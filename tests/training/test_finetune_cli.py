@@ -307,6 +307,10 @@ def test_calibrate_data_calibrates_before_fine_tuning(tmp_path, one_thread):
     x = unlabelled_images(data / "val", 32)
     assert 0.1 < _logit_rms(tmp_path / "calibrated" / "model", x) < 10
     assert _logit_rms(tmp_path / "uncalibrated" / "model", x) < 1e-3
+    # a recipe's calibrate section: its first training images, without --calibrate-data
+    recipe.write_text(recipe.read_text() + "calibrate: {images: 8}\n")
+    assert main([*common, "--out", str(tmp_path / "recipe")]) == 0
+    assert 0.1 < _logit_rms(tmp_path / "recipe" / "model", x) < 10
 
 
 def test_calibrate_data_needs_the_original(tmp_path, capsys):

@@ -30,12 +30,22 @@ def test_unknown_recipe_name_lists_the_shipped_ones():
         load_recipe("no-such-recipe")
 
 
+def test_calibrate_is_a_recipe_section(tmp_path):
+    path = tmp_path / "calibrated.yaml"
+    path.write_text("name: c\nmodel: timm:resnet18\ncalibrate: {images: 64}\n")
+    assert load_recipe(path).calibrate_images == 64
+    path.write_text("name: c\nmodel: timm:resnet18\n")
+    assert load_recipe(path).calibrate_images == 0
+
+
 @pytest.mark.parametrize("text, message", [
     ("name: x\nmodel: timm:resnet18\nfinetune: {lr: 0.1, learning_rate: 3}\n",
      "unknown finetune options \\['learning_rate'\\]"),
     ("name: x\nmodel: timm:resnet18\nfinetune: {loss: hinge}\n", "loss must be one of"),
     ("name: x\nmodel: timm:resnet18\nconvert: {b: 0.5}\n", "b must be"),
     ("name: x\nmodel: timm:resnet18\nfinetune: {mixup_alpha: 0.8, label_smoothing: 1.5}\n", "label_smoothing in"),
+    ("name: x\nmodel: timm:resnet18\ncalibrate: {batches: 2}\n", "unknown calibrate options \\['batches'\\]"),
+    ("name: x\nmodel: timm:resnet18\ncalibrate: {images: -1}\n", "calibrate images must be a non-negative"),
     ("- just\n- a list\n", "mapping"),
     ("name: [unclosed\n", "not valid YAML"),
 ])
