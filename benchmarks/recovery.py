@@ -16,6 +16,7 @@ and prints test accuracy per epoch (epoch 0: before fine-tuning), epochs-to-matc
 
     python benchmarks/recovery.py --epochs 4 --train-limit 20000 --plot docs/images/recovery.png
     python benchmarks/recovery.py --arch vit --epochs 3 --epochs-original 8 --runs issue --gridpg 2
+    python benchmarks/recovery.py --table benchmarks/results/recovery_vit.json more.json --plot vit.png
 """
 
 from __future__ import annotations
@@ -90,6 +91,31 @@ def parse_runs(text: str) -> list[str]:
     return ["original"] + [r for r in runs if r != "original"]  # every run starts from the original
 
 
+def merge_results(paths: list[pathlib.Path]) -> tuple[dict, dict, dict, int]:
+    """``(accuracy per run, epoch-0 accuracy, GridPG, epochs)`` of saved JSON results, merged; the invocations must
+    have trained the same original (same accuracies) for the same number of epochs."""
+    results: dict[str, list[float]] = {}
+    start_accuracy: dict[str, float] = {}
+    gridpg: dict[str, float] = {}
+    epochs = None
+    for path in paths:
+        saved = json.loads(path.read_text())
+        if results and saved["accuracy"]["original"] != results["original"]:
+            raise SystemExit(f"{path}: another original ({saved['accuracy']['original'][-1]:.4f} vs "
+                             f"{results['original'][-1]:.4f}): not one comparison")
+        if epochs is not None and int(saved["args"]["epochs"]) != epochs:
+            raise SystemExit(f"{path}: {saved['args']['epochs']} epochs per B-cos run, not {epochs}")
+        epochs = int(saved["args"]["epochs"])
+        for name, accuracies in saved["accuracy"].items():
+            results.setdefault(name, accuracies)
+        for name, value in saved["epoch0"].items():
+            start_accuracy.setdefault(name, value)
+        gridpg.update({k: v for k, v in saved["gridpg"].items() if k not in gridpg})
+    order = ["original", "fixed", "ramp", "distill", "align", *(f"calibrated+{n}" for n in FINETUNES), "scratch"]
+    results = {k: results[k] for k in sorted(results, key=lambda k: order.index(k) if k in order else len(order))}
+    return results, start_accuracy, gridpg, epochs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet18", choices=sorted(ARCHS))
@@ -115,7 +141,16 @@ def main() -> None:
     parser.add_argument("--amp", default="auto", choices=["auto", "off", "bf16"], help="finetune's mixed precision")
     parser.add_argument("--json", type=pathlib.Path, help="default: benchmarks/results/recovery[_ARCH].json")
     parser.add_argument("--plot", type=pathlib.Path, help="PNG plot of accuracy per epoch (needs matplotlib)")
+    parser.add_argument("--table", type=pathlib.Path, nargs="+", metavar="JSON",
+                        help="measure nothing: print the table (and --plot) of saved results, merged (runs of one "
+                             "original in several invocations, e.g. --runs issue then the other calibrated+X)")
     args = parser.parse_args()
+    if args.table:
+        results, start_accuracy, gridpg, epochs = merge_results(args.table)
+        _report(results, start_accuracy, gridpg, epochs)
+        if args.plot:
+            _plot(results, start_accuracy, args.plot, args.arch)
+        return
     runs = parse_runs(args.runs)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
