@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, imagenet_categories, normalize, sample_photos
 from .errors import CheckpointError
 from .training import FinetuneConfig, Recipe, evaluate, load_recipe, train_original
+from .training.config import LABEL_FREE_LOSSES
 from .training.data import DataConfig, build_datasets, build_loaders, first_images
 from .training.run import run_finetune
 from .utils import atomic_write
@@ -121,7 +122,8 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     config = FinetuneConfig.from_dict(spec.finetune).replace(progress=progress, **({} if epochs is None else
                                                                                    {"epochs": epochs}))
     history = run_finetune(bmodel, train_set, test_set, config, out, batch_size=data.batch_size,
-                           workers=data.workers, class_names=classes)  # what `bcosify finetune` runs
+                           workers=data.workers, class_names=classes,  # what `bcosify finetune` runs
+                           teacher=original if config.loss in LABEL_FREE_LOSSES else None)
     bcosified_accuracy = history.last("val_accuracy")
 
     x, y = next(iter(DataLoader(test_set, batch_size=64)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -39,3 +40,11 @@ def test_demo_end_to_end(tmp_path):
     again = run_demo(tmp_path / "out2", limit=640, epochs=1, cache_dir=tmp_path / "cache", progress=False)
     assert again["original_accuracy"] == summary["original_accuracy"]
     assert torch.tensor(again["seconds"]) > 0
+    # a recipe with a label-free loss fine-tunes against the original: the demo hands it over as the teacher
+    shipped = (pathlib.Path(bcosify.__file__).parent / "training" / "recipes" / "fashion-mnist.yaml").read_text()
+    assert "loss: bce" in shipped
+    recipe = tmp_path / "fashion-mnist.yaml"  # the same name and data: the cached original is reused
+    recipe.write_text(shipped.replace("loss: bce", "loss: align"))
+    aligned = run_demo(tmp_path / "out3", recipe=str(recipe), limit=640, epochs=1, cache_dir=tmp_path / "cache",
+                       progress=False)
+    assert aligned["original_accuracy"] == summary["original_accuracy"] and aligned["epochs"] == 1
