@@ -158,9 +158,10 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     print()
     print(f"{'model':28s} {'test accuracy':>14s}")
     print(f"{'original ' + spec.model:28s} {original_accuracy:>14.2%}")
-    print(f"{'converted (b=' + format(bmodel.b, 'g') + '), epoch 0':28s} {converted_accuracy:>14.2%}")
+    unit = f"b={bmodel.b:g}" if bmodel.unit == "bcos" else "DAU"
+    print(f"{f'converted ({unit}), epoch 0':28s} {converted_accuracy:>14.2%}")
     print(f"{'calibrated, epoch 0':28s} {calibrated_accuracy:>14.2%}")
-    print(f"{'B-cosified (b=' + format(bmodel.b, 'g') + ')':28s} {bcosified_accuracy:>14.2%}")
+    print(f"{f'fine-tuned ({unit})':28s} {bcosified_accuracy:>14.2%}")
     print(f"completeness error (max over 64 test images, float64): {completeness:.1e}")
     size = x.shape[-1] * x.shape[-2]
     print(f"share of positive contribution (mean over 64 test images): outer {BORDER_PX} px {border:.1%} "
@@ -170,7 +171,7 @@ def run_demo(out: str | os.PathLike = "demo-output", recipe: str = "fashion-mnis
     if gridpg["bcos"] is None:
         print(f"GridPG 2x2 skipped: {gridpg['skipped']}")
     else:
-        print(f"GridPG 2x2 ({DEMO_GRIDS} grids, higher is better): B-cosified {gridpg['bcos']:.3f}, "
+        print(f"GridPG 2x2 ({DEMO_GRIDS} grids, higher is better): fine-tuned {gridpg['bcos']:.3f}, "
               f"input x gradient on the original {gridpg['ixg']:.3f}")
     print(f"fine-tuning epochs: {len(history.epochs)}; total time {summary['seconds']:.0f} s; outputs in {out}/")
     return summary

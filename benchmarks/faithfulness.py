@@ -68,7 +68,8 @@ def _parse(argv=None) -> argparse.Namespace:
                    help="border signal of several demo outputs (e.g. zeros=... replicate=...)")
     p.add_argument("--layer-origin", type=pathlib.Path, metavar="DEMO_DIR",
                    help="per-layer origin of the border signal of a zero-padded demo model")
-    p.add_argument("--label", help="name this run's B-cos row METHOD@LABEL (another B-cos model next to the first)")
+    p.add_argument("--label", help="name this run's row bcos@LABEL, LABEL the model column (another converted model next to the "
+                        "first; a LABEL starting with DAU is a DAU model)")
     p.add_argument("--table", type=pathlib.Path, help="print the markdown table of a result JSON and exit")
     p.add_argument("--merge", type=pathlib.Path, nargs="+", metavar="JSON",
                    help="merge the method rows of result JSONs (runs split over processes) into --out and exit")
@@ -380,8 +381,9 @@ def table(results: dict[str, Any]) -> str:
         cells = [(f"{row[k]['mean']:.3f}" + (f" ({row[k]['grids']} grids)" if row[k].get("grids", 100) != 100 else ""))
                  if k in row else "–" for k, _ in columns]
         method, _, label = name.partition("@")
-        model = "original" if method != "bcos" else f"B-cosified, {label}" if label else "B-cosified (fine-tuned)"
-        rows.append(f"| {method_name(method)} | {model} | " + " | ".join(cells) + " |")
+        model = "original" if method != "bcos" else label or "B-cosified (fine-tuned)"
+        shown = "DAU contributions" if method == "bcos" and label.startswith("DAU") else method_name(method)
+        rows.append(f"| {shown} | {model} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
