@@ -28,6 +28,7 @@ from readme_block import write_block
 from torch import nn
 
 import bcosify
+from bcosify.surgery.support import randomised
 
 START, END = "<!-- coverage-table:start -->", "<!-- coverage-table:end -->"
 MAX_PARAMS = 150e6
@@ -90,20 +91,6 @@ def torchvision_candidates() -> list[tuple[str, str, float]]:
     return out
 
 
-def _randomise(model: nn.Module) -> nn.Module:
-    """Random BatchNorm statistics and non-zero zero-initialised weights, so equivalence is not vacuous."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator, dtype=torch.float64) * .1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator, dtype=torch.float64) + .5)
-        for p in model.parameters():
-            if p.dim() >= 2 and not bool(p.any()):
-                p.normal_(std=0.02, generator=generator)
-    return model
-
-
 def _build(source: str, name: str) -> nn.Module:
     torch.manual_seed(0)
     if source == "timm":
@@ -132,7 +119,7 @@ def check(source: str, name: str, params: float, limit: int) -> dict:
     try:
         with _time_limit(limit), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = _randomise(_build(source, name).double().eval())
+            model = randomised(_build(source, name).double().eval())
             bmodel = bcosify.convert(model, verify=True)
         (entry,) = bmodel.report.by_action("verified")
         numbers = dict(re.findall(r"(equivalence|completeness) ([0-9.e+-]+)", entry.note))

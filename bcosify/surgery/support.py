@@ -7,6 +7,7 @@ import importlib.resources
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 import yaml
 from torch import nn
 
@@ -89,3 +90,19 @@ def list_supported(pattern: str = "*") -> list[SupportedModel]:
                                                                                    pattern.lower()):
             out.append(entry)
     return out
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` with random BatchNorm statistics and random values in its all-zero weights (a zero classifier or
+    class token), so that an equivalence test on a randomly initialised model is not vacuous; in place."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_var is not None:
+                mean, var = m.running_mean, m.running_var
+                mean.copy_(torch.randn(mean.shape, generator=generator, dtype=torch.float64).to(mean) * .1)
+                var.copy_((torch.rand(var.shape, generator=generator, dtype=torch.float64) + .5).to(var))
+        for p in model.parameters():
+            if p.dim() >= 2 and not bool(p.any()):
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p) * 0.02)
+    return model
