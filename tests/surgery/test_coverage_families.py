@@ -61,7 +61,7 @@ def test_every_module_the_sweep_calls_exact_is_checked_here_or_claimed():
 
 
 @pytest.mark.parametrize("check", list(CHECKS.values()), ids=lambda c: f"{c.library}:{c.family}")
-def test_coverage_family_converts_exactly(check: SupportedModel):
+def test_coverage_family_converts_exactly(check: SupportedModel, one_thread):
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
