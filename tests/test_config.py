@@ -116,6 +116,20 @@ def test_list_supported_filters_like_timm_list_models():
     assert bcosify.list_supported("no-such-family") == []
 
 
+def test_a_supported_model_builds_again_after_its_builder_consumed_nested_arguments():
+    """timm's MobileNet builders pop keys from the block definitions they are given: a row with ``block_args``
+    must build the same model every time."""
+    blocks = [[{"block_type": "er", "out_chs": 8, "stride": 2, "exp_kernel_size": 3, "exp_ratio": 2.0,
+                "pw_kernel_size": 1, "force_in_chs": 0, "noskip": False, "se_ratio": 0.0, "act_layer": None}],
+              [{"block_type": "uir", "out_chs": 16, "stride": 2, "dw_kernel_size_start": 3, "dw_kernel_size_mid": 3,
+                "dw_kernel_size_end": 0, "exp_ratio": 2.0, "noskip": False, "se_ratio": 0.0, "act_layer": None}]]
+    row = bcosify.SupportedModel("MobileNetV5", "timm:mobilenetv5_base",
+                                 kwargs={"block_args": blocks, "stem_size": 8, "num_features": 16})
+    first, second = row.build(num_classes=10), row.build(num_classes=10)
+    assert [n for n, _ in first.named_modules()] == [n for n, _ in second.named_modules()]
+    assert row.kwargs["block_args"][1][0]["block_type"] == "uir"
+
+
 def test_dau_options_resolve_and_round_trip():
     config = BcosConfig(unit="dau")
     assert (config.rank, config.squash, config.temperature) == (32, "squash", 1.0)

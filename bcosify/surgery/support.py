@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import importlib.resources
 from dataclasses import dataclass, field
@@ -53,8 +54,9 @@ class SupportedModel:
     builder: str | None = None
 
     def build(self, **kwargs: Any) -> nn.Module:
-        """The test model, randomly initialised; ``kwargs`` (e.g. ``num_classes``) are added to the row's."""
-        kwargs = {**self.kwargs, **kwargs}
+        """The test model, randomly initialised; ``kwargs`` (e.g. ``num_classes``) are added to the row's (a deep
+        copy of them: builders that consume nested arguments, like timm's block definitions, leave the row intact)."""
+        kwargs = {**copy.deepcopy(self.kwargs), **kwargs}
         if self.builder is not None:
             return BUILDERS[self.builder](**kwargs)
         from ..weights import build_model
