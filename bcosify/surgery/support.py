@@ -26,10 +26,19 @@ def _torchvision_swin(v2: bool, **kwargs: Any) -> nn.Module:
     return tv_swin.SwinTransformer(**kwargs)
 
 
+def _torchvision_maxvit(**kwargs: Any) -> nn.Module:
+    """torchvision's ``MaxVit`` with the given sizes; the builder ``maxvit_t`` fixes them."""
+    from torchvision.models import maxvit as tv_maxvit
+
+    kwargs = {k: list(v) if isinstance(v, tuple) and k != "input_size" else v for k, v in kwargs.items()}
+    return tv_maxvit.MaxVit(**kwargs)
+
+
 #: small builders of architectures whose library builders take no size arguments (``builder:`` in the YAML)
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "torchvision_swin": lambda **kwargs: _torchvision_swin(False, **kwargs),
     "torchvision_swin_v2": lambda **kwargs: _torchvision_swin(True, **kwargs),
+    "torchvision_maxvit": _torchvision_maxvit,
 }
 
 
