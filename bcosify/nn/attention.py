@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .base import DetachableModule
 
@@ -70,8 +71,8 @@ class SplitQKVConv(nn.Module):
                   convert_value: Callable[[nn.Conv2d], nn.Module]) -> "SplitQKVConv":
         """Split ``conv`` (a 1x1 convolution, no groups); ``value_channels`` marks its value output channels."""
         def part(rows: torch.Tensor) -> nn.Conv2d:
-            new = nn.Conv2d(conv.in_channels, len(rows), 1, bias=conv.bias is not None, device=conv.weight.device,
-                            dtype=conv.weight.dtype)
+            new = skip_init(nn.Conv2d, conv.in_channels, len(rows), 1, bias=conv.bias is not None,
+                            device=conv.weight.device, dtype=conv.weight.dtype)
             with torch.no_grad():
                 new.weight.copy_(conv.weight[rows])
                 if conv.bias is not None:
@@ -87,7 +88,8 @@ class SplitQKVConv(nn.Module):
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, start: int, stop: int) -> nn.Linear:
     """An ``nn.Linear`` holding copies of rows ``start:stop`` of ``weight`` and ``bias``."""
-    part = nn.Linear(weight.shape[1], stop - start, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    part = skip_init(nn.Linear, weight.shape[1], stop - start, bias=bias is not None, device=weight.device,
+                     dtype=weight.dtype)
     with torch.no_grad():
         part.weight.copy_(weight[start:stop])
         if bias is not None:

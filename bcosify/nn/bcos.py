@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .base import DetachableModule
 
@@ -246,9 +247,9 @@ class BcosConv2d(nn.Conv2d, DetachableModule):
     def from_module(cls, conv: nn.Conv2d, b: float = 2.0, normalize_weights: bool = False, *,
                     keep_bias: bool = False, same_padding: bool = False) -> "BcosConv2d":
         """A B-cos conv with the weights (and, with ``keep_bias``, the bias) of ``conv``."""
-        new = cls(*conv_geometry(conv), bias=keep_bias and conv.bias is not None, b=b,
-                  normalize_weights=normalize_weights, same_padding=same_padding,
-                  device=conv.weight.device, dtype=conv.weight.dtype)
+        new = skip_init(cls, *conv_geometry(conv), bias=keep_bias and conv.bias is not None, b=b,
+                        normalize_weights=normalize_weights, same_padding=same_padding,
+                        device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(conv.weight)
             if new.bias is not None:
@@ -355,8 +356,9 @@ class BcosLinear(nn.Linear, DetachableModule):
     def from_module(cls, linear: nn.Linear, b: float = 2.0, normalize_weights: bool = False, *,
                     keep_bias: bool = False) -> "BcosLinear":
         """A B-cos linear layer with the weights (and, with ``keep_bias``, the bias) of ``linear``."""
-        new = cls(linear.in_features, linear.out_features, bias=keep_bias and linear.bias is not None, b=b,
-                  normalize_weights=normalize_weights, device=linear.weight.device, dtype=linear.weight.dtype)
+        new = skip_init(cls, linear.in_features, linear.out_features, bias=keep_bias and linear.bias is not None,
+                        b=b, normalize_weights=normalize_weights, device=linear.weight.device,
+                        dtype=linear.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(linear.weight)
             if new.bias is not None:

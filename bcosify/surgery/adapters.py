@@ -6,6 +6,7 @@ from collections import OrderedDict
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from ..errors import ConversionError
 from ..nn.head import ClassifierBeforePooling, MeanPatchTokens
@@ -63,7 +64,7 @@ def reorder_classifier_before_pooling(model: nn.Module, info: Trace) -> None:
     if pool_path is None:
         raise ConversionError("gap_reorder: no global average pooling found before the classifier")
     linear = model.get_submodule(info.classifier_path)
-    conv = nn.Conv2d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None,
+    conv = skip_init(nn.Conv2d, linear.in_features, linear.out_features, 1, bias=linear.bias is not None,
                      device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(linear.weight[:, :, None, None])

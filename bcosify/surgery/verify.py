@@ -24,7 +24,8 @@ DEGENERATE_BELOW = 1e-20
 def verify_conversion(prepared: nn.Module, config: BcosConfig, size: int,
                       convert: Callable[[nn.Module, BcosConfig], nn.Module]) -> ReportEntry:
     """Check ``convert`` (the conversion of a prepared network with a resolved config) in float64 on a random
-    ``size`` px input: equivalence at b=1 with biases kept, completeness at b=2 without biases.
+    ``size`` px input: equivalence at b=1 with biases kept, completeness at b=2 without biases. ``prepared`` is
+    consumed (pass a copy).
 
     Returns the report entry that records both errors. A failure raises ``ConversionError`` (naming the first
     module whose output diverges when equivalence fails) unless ``config.strict`` is false: then the entry records
@@ -45,7 +46,7 @@ def verify_conversion(prepared: nn.Module, config: BcosConfig, size: int,
 def _verify(prepared: nn.Module, config: BcosConfig, size: int, convert, x: torch.Tensor) -> ReportEntry:
     from ..explanation import explain
 
-    reference = copy_module(prepared).double().eval()
+    reference = prepared.double().eval()  # the caller's copy, ours to change
     # the surgery alone: the options that change the function on purpose are off
     plain = dict(b=1.0, normalize_weights=False) if config.unit == "bcos" else {}  # (a DAU layer starts plain)
     exact = convert(copy_module(reference), config.replace(
@@ -58,7 +59,7 @@ def _verify(prepared: nn.Module, config: BcosConfig, size: int, convert, x: torc
         where = _first_divergence(reference, exact, x, config)
         failures.append(f"at b=1 with biases the converted model differs from the original by {equivalence:.1e} "
                         f"(relative); the first module whose output diverges is {where}")
-    bcos = convert(copy_module(reference), config.replace(b=2.0, keep_bias=False, logit_bias=0.0)).eval()
+    bcos = convert(reference, config.replace(b=2.0, keep_bias=False, logit_bias=0.0)).eval()  # the last use
     e = explain(bcos, x)
     scale = _logit_scale(e.explained_logit)
     rescaled = ""

@@ -38,11 +38,6 @@ def _checks() -> dict[str, SupportedModel]:
 CHECKS = _checks()
 
 
-@pytest.fixture(autouse=True)
-def _single_thread(one_thread):
-    """Small models: a second intra-op thread only adds wake-up latency (mvitv2: 32 s instead of 4 on 2 cores)."""
-
-
 def _module(spec: str) -> str:
     """The sweep's name for a model's architecture module (timm: its module; torchvision: its builder's)."""
     library, _, name = spec.partition(":")

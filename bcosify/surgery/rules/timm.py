@@ -17,6 +17,7 @@ import timm.models.vision_transformer_relpos as timm_vit_relpos
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from ...nn import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d, UncenteredBatchNorm2d, gated,
                    gelu_gate, gelu_tanh_gate, hardswish_gate)
@@ -43,8 +44,8 @@ def plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
         weight = F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None, weight=gain,
                               training=True, momentum=0.0, eps=conv.eps).reshape_as(conv.weight)
     same = getattr(conv, "same_pad", False)
-    new = (timm.layers.Conv2dSame if same else nn.Conv2d)(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0 if same else conv.padding,
+    new = skip_init(
+        timm.layers.Conv2dSame if same else nn.Conv2d, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0 if same else conv.padding,
         conv.dilation, conv.groups, bias=conv.bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
