@@ -3,6 +3,7 @@
 from .act import GatedActivation, gated, gelu_gate, gelu_tanh_gate, hardswish_gate, ratio_gate, relu6_gate
 from .attention import GatePath, SelfAttention, ShiftedWindowAttention, SplitQKV, SplitQKVConv
 from .base import DetachableModule, set_explanation_mode
+from .condconv import BcosCondConv2d
 from .bcos import BcosConv2d, BcosLinear, bcos_scale, conv_patch_sq_norms
 from .dau import DauConv2d, DauLinear
 from .encoding import InputEncoder, check_images, fold_input_normalization, resolve_normalization
@@ -12,7 +13,7 @@ from .norm import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm
                    UncenteredBatchNorm1d, UncenteredBatchNorm2d, sync_batchnorm)
 
 __all__ = [
-    "BcosConv2d", "BcosLinear", "ClassifierBeforePooling", "DauConv2d", "DauLinear", "DetachableGroupNorm", "DetachableLayerNorm",
+    "BcosCondConv2d", "BcosConv2d", "BcosLinear", "ClassifierBeforePooling", "DauConv2d", "DauLinear", "DetachableGroupNorm", "DetachableLayerNorm",
     "DetachableLayerNorm2d", "DetachableModule", "DetachedGate", "ExplanationDetach", "GatePath", "GatedActivation", "InputEncoder",
     "LogitBias", "MeanPatchTokens", "SelfAttention", "ShiftedWindowAttention", "SplitQKV", "SplitQKVConv", "SyncUncenteredBatchNorm2d",
     "UncenteredBatchNorm1d", "UncenteredBatchNorm2d",

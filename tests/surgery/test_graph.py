@@ -516,6 +516,22 @@ def test_a_functional_layer_with_a_bias_is_refused():
         bcosify.convert(Biased(), mean=0.5, std=0.25)
 
 
+def test_a_recurrent_layer_is_refused_with_its_reason():
+    class Rows(nn.Module):  # Sequencer's pattern: an LSTM over the rows of a feature map
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.rnn = nn.LSTM(8, 8, batch_first=True)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.conv(x).mean(2).transpose(1, 2)
+            return self.fc(self.rnn(x)[0].mean(1))
+
+    with pytest.raises(ConversionError, match=r"rnn: torch.nn.modules.rnn.LSTM \(a recurrent layer: .*sigmoid gates"):
+        bcosify.convert(Rows(), mean=0.5, std=0.25)
+
+
 def test_input_channels_and_size_come_from_the_pretrained_config():
     """CSATv2's first Conv2d in module order takes 64 channels and LeViT built for 32 px runs at no default size:
     the channels and the size are read from the model, not guessed."""

@@ -96,8 +96,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, single):
 def test_resume_after_both_processes_are_killed_with_any_world_size(tmp_path, single, capsys):
     args = ["finetune", *FASHION, "--checkpoint-every", "1", "--out", "run"]
     # rank 0 dies (SIGKILL) after its 6th checkpoint (update 6 of 8, mid epoch 2); torchrun stops rank 1
-    _run([*DDP, str(tmp_path / "ddp"), *args, "--batch-size", "16"], tmp_path, fails=True, KILL_AFTER_CHECKPOINTS="6")
+    killed = _run([*DDP, str(tmp_path / "ddp"), *args, "--batch-size", "16"], tmp_path, fails=True,
+                  KILL_AFTER_CHECKPOINTS="6")
     run = tmp_path / "ddp" / "rank0" / "run"
+    assert (run / "checkpoints" / "latest").exists(), killed.stdout + killed.stderr  # (it failed before the kill)
     assert (run / "checkpoints" / "latest").read_text() == "step-00000006" and not (run / "model").exists()
     assert len(_metrics(run)) == 1
     shutil.copytree(run, tmp_path / "alone" / "run")

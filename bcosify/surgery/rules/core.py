@@ -16,7 +16,7 @@ from ...nn import (BcosConv2d, BcosLinear, DauConv2d, DauLinear, DetachableGroup
                    relu6_gate)
 from ...nn.head import ClassifierBeforePooling, MeanPatchTokens
 from ..report import GATED, REPLACED
-from .base import DESCEND, KEEP, REPLACE, Builder, Context, Rule
+from .base import DESCEND, KEEP, REFUSE, REPLACE, Builder, Context, Rule
 
 #: exact types of linear layers (the classifier, a ``qkv`` projection) and of first layers that can take the
 #: folded input normalization; other libraries' rule modules add theirs
@@ -197,4 +197,9 @@ RULES: dict[type, Rule] = {
     nn.Tanh: Rule(REPLACE, ratio_gate),
     nn.LeakyReLU: Rule(REPLACE, ratio_gate),
     nn.Mish: Rule(REPLACE, ratio_gate),
+    # known, and refused
+    **{t: Rule(REFUSE, note="a recurrent layer: its fused forward computes the sigmoid gates and tanh state updates "
+                            "from its weights in one kernel, biases inside; bcosify has no rewrite of it into gates "
+                            "and alignment layers")
+       for t in (nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)},
 }

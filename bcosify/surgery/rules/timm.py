@@ -22,7 +22,7 @@ from torch.nn.utils import skip_init
 from ...nn import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d, UncenteredBatchNorm2d, gated,
                    gelu_gate, gelu_tanh_gate, hardswish_gate)
 from ...errors import ConversionError
-from ...nn import SplitQKV, SplitQKVConv
+from ...nn import BcosCondConv2d, SplitQKV, SplitQKVConv
 from ...nn.act import quick_gelu_gate
 from ..report import REPLACED
 from .base import DESCEND, GATE, KEEP, REFUSE, REPLACE, Rule
@@ -45,8 +45,9 @@ def plain_conv(conv: nn.Conv2d) -> nn.Conv2d:
                               training=True, momentum=0.0, eps=conv.eps).reshape_as(conv.weight)
     same = getattr(conv, "same_pad", False)
     new = skip_init(
-        timm.layers.Conv2dSame if same else nn.Conv2d, conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0 if same else conv.padding,
-        conv.dilation, conv.groups, bias=conv.bias is not None, device=weight.device, dtype=weight.dtype)
+        timm.layers.Conv2dSame if same else nn.Conv2d, conv.in_channels, conv.out_channels, conv.kernel_size,
+        conv.stride, 0 if same else conv.padding, conv.dilation, conv.groups, bias=conv.bias is not None,
+        device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         new.weight.copy_(weight)
         if conv.bias is not None:
@@ -93,6 +94,15 @@ def _star_relu(act: nn.Module, ctx: Context) -> nn.Module:
     (``f(0) != 0``) is removed unless biases are kept."""
     core = act if ctx.config.keep_bias else _ScaledSquaredReLU(act.scale)
     return gated(core, lambda x: act.scale * F.relu(x), "star_relu")
+
+
+def _cond_conv(conv: nn.Module, ctx: Context) -> BcosCondConv2d:
+    """timm's ``CondConv2d``: expert kernels mixed per sample by routing weights (a gate, computed by the block)."""
+    config = ctx.config
+    if config.unit != "bcos":
+        raise ConversionError(f"{ctx.path} ({type(conv).__name__}): unit={config.unit!r} has no form with "
+                              "per-sample expert kernels; convert with unit='bcos'")
+    return BcosCondConv2d.from_module(conv, config.b, config.normalize_weights, keep_bias=config.keep_bias)
 
 
 def _attention_with_qkv_biases(attn: nn.Module, ctx: Context) -> nn.Module:
@@ -212,6 +222,8 @@ RULES: dict[type, Rule] = {
     timm.models.hgnet.LearnableAffineBlock: Rule(REPLACE, _learnable_affine, "a learned scale; bias removed"),
     # convolutions and linear layers on the value path
     timm.layers.Conv2dSame: Rule(REPLACE, bcos_conv_same, "TF 'SAME' padding kept"),
+    timm.layers.CondConv2d: Rule(REPLACE, _cond_conv, "expert kernels mixed per sample by the routing weights (a "
+                                                      "gate, detached in explanation mode)"),
     **{t: Rule(REPLACE, _std_conv, "weight standardisation baked into the weight") for t in _STD_CONVS},
     timm.layers.Linear: Rule(REPLACE, bcos_linear),
     # normalization
