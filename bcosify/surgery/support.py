@@ -34,8 +34,22 @@ def _torchvision_maxvit(**kwargs: Any) -> nn.Module:
     return tv_maxvit.MaxVit(**kwargs)
 
 
+def _torchvision_vgg(cfg: str = "A", batch_norm: bool = False, hidden: int = 4096, **kwargs: Any) -> nn.Module:
+    """torchvision's ``VGG`` (configuration ``cfg``: "A" is VGG-11) with ``hidden`` units in its classifier's two
+    hidden layers; the builders ``vgg11`` ... ``vgg19_bn`` fix 4096 (120M parameters)."""
+    from torchvision.models import vgg as tv_vgg
+
+    model = tv_vgg.VGG(tv_vgg.make_layers(tv_vgg.cfgs[cfg], batch_norm=batch_norm), **kwargs)
+    classifier = model.classifier  # Linear, ReLU, Dropout, Linear, ReLU, Dropout, Linear
+    for i, (n_in, n_out) in {0: (classifier[0].in_features, hidden), 3: (hidden, hidden),
+                             6: (hidden, classifier[6].out_features)}.items():
+        classifier[i] = nn.Linear(n_in, n_out)
+    return model
+
+
 #: small builders of architectures whose library builders take no size arguments (``builder:`` in the YAML)
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "torchvision_vgg": _torchvision_vgg,
     "torchvision_swin": lambda **kwargs: _torchvision_swin(False, **kwargs),
     "torchvision_swin_v2": lambda **kwargs: _torchvision_swin(True, **kwargs),
     "torchvision_maxvit": _torchvision_maxvit,

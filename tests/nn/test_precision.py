@@ -45,6 +45,10 @@ def _two_threads():
     torch.set_num_threads(threads)
 
 
+#: constructor arguments that keep a test model small
+SMALL = {"timm:vgg11": {"mlp_ratio": 1 / 64}}  # the pre-logits MLP 512 -> 64 -> 4096 instead of 4096 -> 4096
+
+
 def _calibrated(spec: str, size: int = 64, dtype=torch.float32) -> bcosify.BcosModel:
     """A random-init B-cos network calibrated with one gain per layer, its BatchNorm variances left as initialised.
 
@@ -54,7 +58,7 @@ def _calibrated(spec: str, size: int = 64, dtype=torch.float32) -> bcosify.BcosM
     mean dominates their spread), not computed worse.
     """
     torch.manual_seed(0)
-    model = build_model(spec, weights=None, model_kwargs={"num_classes": 10})
+    model = build_model(spec, weights=None, model_kwargs={"num_classes": 10, **SMALL.get(spec, {})})
     bmodel = bcosify.convert(model).to(dtype).eval()
     return bcosify.calibrate(bmodel, torch.rand(8, 3, size, size, generator=_gen(7), dtype=dtype),
                              min_channel_values=10 ** 9, progress=False)
