@@ -77,6 +77,22 @@ class TokenAttention(nn.Module):
         return self.head(t.mean(1))
 
 
+class QueryBiasedAttention(TokenAttention):
+    """Attention whose mask (added to the attention logits) is computed from the queries, like SAM ViT's decomposed
+    relative position bias: the mask is part of the gate, detached with q and k."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__(dim)
+        self.rel = nn.Parameter(torch.randn(dim, 1))
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        q = self.q(t)
+        mask = (q @ self.rel).transpose(-2, -1)  # a bias per key token, read from its query
+        t = t + F.scaled_dot_product_attention(q, self.k(t), self.v(t), attn_mask=mask)
+        return self.head(t.mean(1))
+
+
 class GatedUnit(nn.Module):
     """A gated linear unit (GeGLU / StarNet's ``act(x1) * x2``): the activated factor is the product's gate."""
 
@@ -154,9 +170,9 @@ def _verified(bmodel) -> str:
     return entry.note
 
 
-@pytest.mark.parametrize("make", [Glue, SqueezeExcite, TokenAttention, lambda: GatedUnit(False), lambda: GatedUnit(True),
+@pytest.mark.parametrize("make", [Glue, SqueezeExcite, TokenAttention, QueryBiasedAttention, lambda: GatedUnit(False), lambda: GatedUnit(True),
                                   BlurredPadded, WindowsByArgument, SpaceToDepthStem],
-                         ids=["glue", "squeeze-excite", "attention", "glu-module", "glu-functional",
+                         ids=["glue", "squeeze-excite", "attention", "attention-mask-from-q", "glu-module", "glu-functional",
                               "padded-blurred-resized", "plain-number-argument", "space-to-depth-stem"])
 def test_linear_glue_converts_without_a_rule_and_is_exact(make):
     torch.manual_seed(0)
