@@ -197,6 +197,19 @@ def test_product_of_value_path_tensors_is_refused_naming_the_line():
     assert f"test_graph.py:{inspect.getsourcelines(Squared)[1] + line}" in message  # the line `y * y` stands on
 
 
+class UnprojectedAttention(TokenAttention):
+    """The same tokens as queries, keys and values: no use of them can be detached alone."""
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(F.scaled_dot_product_attention(t, t, t).mean(1))
+
+
+def test_attention_over_the_same_tensor_as_gate_and_values_is_refused():
+    with pytest.raises(ConversionError, match="attention whose values are also its queries, keys or mask"):
+        bcosify.convert(UnprojectedAttention(), mean=0.5, std=0.25)
+
+
 def test_reading_classifies_gates_constants_and_scales():
     reading = read_forward(SqueezeExcite())
     assert reading.ok and reading.constants == {"pos"} and "gamma" in reading.scales
