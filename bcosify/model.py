@@ -67,7 +67,8 @@ class BcosModel(nn.Module):
 
     @property
     def constants(self) -> list[str]:
-        """Paths (in :attr:`network`) of the parameters the network adds as constants, from the report."""
+        """Paths (in :attr:`network`) of the parameters the network adds as constants, and of the modules whose
+        outputs it adds as constants, from the report."""
         return self.report.constants
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:

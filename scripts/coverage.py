@@ -27,8 +27,11 @@ import torch
 from readme_block import write_block
 from torch import nn
 
-import bcosify
-from bcosify.surgery.support import randomised
+# this checkout's bcosify (the model subprocesses run this file too), not one installed elsewhere
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import bcosify  # noqa: E402
+from bcosify.surgery.support import randomised  # noqa: E402
 
 START, END = "<!-- coverage-table:start -->", "<!-- coverage-table:end -->"
 MAX_PARAMS = 150e6

@@ -114,11 +114,30 @@ def _logit_map_modules(model: BcosModel) -> list[nn.Module]:
 @contextlib.contextmanager
 def per_sample_constants(network: nn.Module, paths: list[str], batch: int) -> Iterator[list[torch.Tensor]]:
     """Within this context the constant parameters at ``paths`` are replaced by per-sample copies (leaf
-    tensors of batch size ``batch`` requiring grad), so that one backward pass gives every sample's gradient."""
+    tensors of batch size ``batch`` requiring grad), so that one backward pass gives every sample's gradient.
+    A path that names a module (one that computes a constant from the input's shape alone: XCiT's Fourier
+    positional encoding) has its output replaced the same way each time it runs; the yielded list then grows
+    during the forward."""
     saved: dict[nn.Module, dict] = {}  # each owner's parameters before the swap (their order included)
     copies = []
+    hooks = []
+
+    def output_as_leaf(_module, _inputs, out):
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"a constant module must return one tensor, got {type(out).__name__}")
+        leaf = out.detach()
+        if leaf.dim() and leaf.shape[0] == 1 and batch > 1:
+            leaf = leaf.expand(batch, *leaf.shape[1:])
+        leaf = leaf.clone().requires_grad_(True)
+        copies.append(leaf)
+        return leaf
+
     try:
         for path in paths:
+            module = _submodule_or_none(network, path)
+            if module is not None:
+                hooks.append(module.register_forward_hook(output_as_leaf))
+                continue
             owner_path, _, name = path.rpartition(".")
             owner = network.get_submodule(owner_path)
             saved.setdefault(owner, dict(owner._parameters))
@@ -128,11 +147,20 @@ def per_sample_constants(network: nn.Module, paths: list[str], batch: int) -> It
             copies.append(copy)
         yield copies
     finally:
+        for hook in hooks:
+            hook.remove()
         for owner, parameters in saved.items():
             for name in parameters.keys() - owner._parameters.keys():
                 owner.__dict__.pop(name, None)
             owner._parameters.clear()
             owner._parameters.update(parameters)
+
+
+def _submodule_or_none(network: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return network.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def _explain_batch(model: BcosModel, x: torch.Tensor, target) -> Explanation:

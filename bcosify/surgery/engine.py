@@ -10,7 +10,7 @@ from ..config import BcosConfig
 from ..errors import ConversionError
 from .graph import read_forward, rewrite
 from .report import CONSTANT, GATED, KEPT, LEFT, READ, REFUSED, REPLACED, UNUSED, ConversionReport
-from .rules import DESCEND, GATE, KEEP, REFUSE, RULES, Context, Rule
+from .rules import CONSTANT_OUTPUT, DESCEND, GATE, KEEP, REFUSE, RULES, Context, Rule
 from .trace import Trace
 
 
@@ -98,6 +98,10 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
                     setattr(new, name, new_child)
         elif rule.action == KEEP:
             report.add(path, module, KEPT, note=rule.note)
+            new = module
+        elif rule.action == CONSTANT_OUTPUT:  # kept; explanations take its output as a constant, per sample
+            report.add(path, module, CONSTANT, note=rule.note or "computes a constant from the input's shape alone, "
+                                                                 "explained as constant_contribution")
             new = module
         elif rule.action == REFUSE:
             report.add(path, module, REFUSED if config.strict else LEFT,

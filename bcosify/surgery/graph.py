@@ -422,11 +422,16 @@ class _Walk:
         if any_of(_GATE_FUNCTIONS, _GATE_METHODS):
             self.gate_sources.append(node)
             return GATE
-        if target is F.scaled_dot_product_attention:  # softmax(q k^T) v: q and k are a gate, v the value path
-            q, k, v = (list(node.args) + [node.kwargs.get(n) for n in ("query", "key", "value")])[:3]
-            for gate_input in (q, k):
-                if self.kind(gate_input) == VALUE:
+        if target is F.scaled_dot_product_attention:
+            # softmax(q k^T + mask) v: v is the value path; everything else (q, k, and a mask or scale computed
+            # from the input, as SAM ViT's relative position bias read from q) only shapes the attention matrix,
+            # a gate, and is detached at this use
+            v = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
+            for gate_input in dict.fromkeys(_flat_args(node)):
+                if gate_input is not v and self.kind(gate_input) == VALUE:
                     self.gate_edges.append((gate_input, node))
+            if _flat_args(node).count(v) > 1:  # the same tensor as gate and values: no one use to detach
+                self.check(node, "block", "attention whose values are also its queries, keys or mask")
             if self.kind(v) != VALUE:
                 self.check(node, "block", "attention whose values are not on the value path")
             return VALUE

@@ -14,7 +14,7 @@ LEFT = "left (strict=False)"
 UNUSED = "unused"
 VERIFIED = "verified"  # the conversion-time verification (equivalence and completeness errors in the note)
 READ = "read"  # a container without a rule whose forward was read from its graph and found exact
-CONSTANT = "constant"  # a parameter added to the value path as a constant (explained per sample)
+CONSTANT = "constant"  # a parameter (or a module's output) added to the value path as a constant (explained per sample)
 SHIFTED = "shifted"  # a strided layer that samples one position later (``center_grid``)
 
 
@@ -53,7 +53,8 @@ class ConversionReport:
 
     @property
     def constants(self) -> list[str]:
-        """Paths of the parameters added to the value path as constants (positional embeddings, tokens)."""
+        """Paths of the parameters added to the value path as constants (positional embeddings, tokens), and of the
+        modules whose outputs are such constants (computed from the input's shape alone)."""
         return [e.path for e in self.by_action(CONSTANT)]
 
     @property

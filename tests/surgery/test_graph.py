@@ -77,6 +77,22 @@ class TokenAttention(nn.Module):
         return self.head(t.mean(1))
 
 
+class QueryBiasedAttention(TokenAttention):
+    """Attention whose mask (added to the attention logits) is computed from the queries, like SAM ViT's decomposed
+    relative position bias: the mask is part of the gate, detached with q and k."""
+
+    def __init__(self, dim: int = 8):
+        super().__init__(dim)
+        self.rel = nn.Parameter(torch.randn(dim, 1))
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        q = self.q(t)
+        mask = (q @ self.rel).transpose(-2, -1)  # a bias per key token, read from its query
+        t = t + F.scaled_dot_product_attention(q, self.k(t), self.v(t), attn_mask=mask)
+        return self.head(t.mean(1))
+
+
 class GatedUnit(nn.Module):
     """A gated linear unit (GeGLU / StarNet's ``act(x1) * x2``): the activated factor is the product's gate."""
 
@@ -154,9 +170,9 @@ def _verified(bmodel) -> str:
     return entry.note
 
 
-@pytest.mark.parametrize("make", [Glue, SqueezeExcite, TokenAttention, lambda: GatedUnit(False), lambda: GatedUnit(True),
+@pytest.mark.parametrize("make", [Glue, SqueezeExcite, TokenAttention, QueryBiasedAttention, lambda: GatedUnit(False), lambda: GatedUnit(True),
                                   BlurredPadded, WindowsByArgument, SpaceToDepthStem],
-                         ids=["glue", "squeeze-excite", "attention", "glu-module", "glu-functional",
+                         ids=["glue", "squeeze-excite", "attention", "attention-mask-from-q", "glu-module", "glu-functional",
                               "padded-blurred-resized", "plain-number-argument", "space-to-depth-stem"])
 def test_linear_glue_converts_without_a_rule_and_is_exact(make):
     torch.manual_seed(0)
@@ -179,6 +195,19 @@ def test_product_of_value_path_tensors_is_refused_naming_the_line():
     assert "Squared" in message and "a product of two value-path tensors" in message
     line = next(i for i, text in enumerate(inspect.getsource(Squared).splitlines()) if "y * y" in text)
     assert f"test_graph.py:{inspect.getsourcelines(Squared)[1] + line}" in message  # the line `y * y` stands on
+
+
+class UnprojectedAttention(TokenAttention):
+    """The same tokens as queries, keys and values: no use of them can be detached alone."""
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(F.scaled_dot_product_attention(t, t, t).mean(1))
+
+
+def test_attention_over_the_same_tensor_as_gate_and_values_is_refused():
+    with pytest.raises(ConversionError, match="attention whose values are also its queries, keys or mask"):
+        bcosify.convert(UnprojectedAttention(), mean=0.5, std=0.25)
 
 
 def test_reading_classifies_gates_constants_and_scales():

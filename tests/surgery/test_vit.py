@@ -313,3 +313,53 @@ def test_split_qkv_needs_three_equal_parts():
         SplitQKV.from_weights(torch.randn(5, 4), None, lambda v: v)
     qkv = SplitQKV.from_weights(torch.randn(6, 4), torch.randn(6), lambda v: v)
     assert qkv.qk.module.out_features == 4 and qkv.v.out_features == 2
+
+
+def _xcit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("xcit_nano_12_p8_224", img_size=SIZE, embed_dim=32, depth=2, num_heads=2,
+                             cls_attn_layers=1, num_classes=10).double().eval()
+
+
+def test_xcit_fourier_positional_encoding_is_a_constant_explained_per_sample():
+    """XCiT adds sines and cosines of the token grid through a 1x1 convolution (bias included): a module whose
+    output is a constant; it is kept, and its output is explained per sample like a positional embedding."""
+    bmodel = _bcos(_xcit())
+    assert sorted(bmodel.constants) == ["cls_token", "pos_embed"]
+    (entry,) = [e for e in bmodel.report.entries if e.path == "pos_embed"]
+    assert entry.action == "constant" and entry.old_type.endswith("PositionalEncodingFourier")
+    assert bmodel.network.pos_embed.token_projection.bias is not None  # part of the constant, kept
+    x = _images(3)
+    e = bcosify.explain(bmodel, x)
+    assert e.completeness_error.max() < 1e-10
+    assert bool((e.constant_contribution.abs() > 1e-3 * e.explained_logit.abs()).all())
+    assert len(set(round(v, 12) for v in e.constant_contribution.tolist())) == 3
+    assert not bmodel.network.pos_embed._forward_hooks  # explain leaves no hook behind
+    assert_batch_matches_single(bmodel, x, e.target, ("constant_contribution", "contributions"), rtol=1e-9)
+    # the constants' contribution is sum(c * dlogit/dc) for the encoding's output c, plus the class token's
+    outputs = []
+    handle = bmodel.network.pos_embed.register_forward_hook(
+        lambda _m, _i, out: outputs.append(out.detach().requires_grad_(True)) or outputs[-1])
+    try:
+        with bmodel.explanation_mode():
+            logit = bmodel.network(bmodel.encode(x[:1]))[0, e.target[0]]
+            tensors = [outputs[0], bmodel.network.cls_token]
+            grads = torch.autograd.grad(logit, tensors)
+    finally:
+        handle.remove()
+    expected = sum((t * g).sum() for t, g in zip(tensors, grads)).detach()
+    assert (outputs[0] * grads[0]).sum().abs() > 1e-3 * logit.abs()  # the encoding's own share is no rounding
+    torch.testing.assert_close(e.constant_contribution[0], expected, rtol=1e-10, atol=0)
+
+
+def test_xcit_save_load_round_trip(tmp_path):
+    kwargs = dict(img_size=SIZE, embed_dim=32, depth=2, num_heads=2, cls_attn_layers=1, num_classes=10)
+    bmodel = bcosify.convert("timm:xcit_nano_12_p8_224", weights=None, model_kwargs=kwargs)
+    bcosify.save(bmodel, tmp_path / "xcit")
+    loaded = bcosify.load(tmp_path / "xcit")
+    assert loaded.constants == bmodel.constants and "pos_embed" in loaded.constants
+    x = _images(2).float()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), bmodel(x))
+    torch.testing.assert_close(bcosify.explain(loaded, x).constant_contribution,
+                               bcosify.explain(bmodel, x).constant_contribution)

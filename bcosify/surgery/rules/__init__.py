@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import warnings
 
-from .base import ACTIONS, DESCEND, GATE, KEEP, REFUSE, REPLACE, Builder, Context, Rule
+from .base import ACTIONS, CONSTANT_OUTPUT, DESCEND, GATE, KEEP, REFUSE, REPLACE, Builder, Context, Rule
 from .core import FIRST_LAYER_TYPES, LINEAR_TYPES, PLAIN_CONVS
 
 RULES: dict[type, Rule] = {}
@@ -46,5 +46,5 @@ def register_rule(module_type: type, rule: Rule) -> None:
     RULES[module_type] = rule
 
 
-__all__ = ["ACTIONS", "CLASSIFIER_TYPES", "DESCEND", "FIRST_LAYER_TYPES", "GATE", "KEEP", "LIBRARIES",
+__all__ = ["ACTIONS", "CLASSIFIER_TYPES", "CONSTANT_OUTPUT", "DESCEND", "FIRST_LAYER_TYPES", "GATE", "KEEP", "LIBRARIES",
            "LINEAR_TYPES", "PLAIN_CONVS", "REFUSE", "REPLACE", "RULES", "Builder", "Context", "Rule", "register_rule"]

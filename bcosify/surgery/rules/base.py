@@ -15,7 +15,8 @@ KEEP = "keep"
 REPLACE = "replace"
 GATE = "gate"
 REFUSE = "refuse"
-ACTIONS = (DESCEND, KEEP, REPLACE, GATE, REFUSE)
+CONSTANT_OUTPUT = "constant"
+ACTIONS = (DESCEND, KEEP, REPLACE, GATE, REFUSE, CONSTANT_OUTPUT)
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Rule:
     ``keep``: left as is (linear or dynamic linear: ReLU, pooling, dropout, reshapes).
     ``replace``/``gate``: ``build(module, context)`` returns the replacement.
     ``refuse``: a known type with no exact conversion; ``note`` says why.
+    ``constant``: a module that computes, from the input's shape alone, a tensor its caller adds to the value path
+    (XCiT's Fourier positional encoding): left as it is, its output explained per sample as a constant.
     ``constants``: for a container, its own parameters that its forward adds to the value path as constants
     (positional embeddings, class/register tokens); explanations account for them per sample.
     ``scales``: a container's own parameters that its forward multiplies the value path by (layer scale).

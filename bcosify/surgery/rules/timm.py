@@ -14,6 +14,7 @@ import timm.models.swin_transformer as timm_swin
 import timm.models.swin_transformer_v2 as timm_swin_v2
 import timm.models.vision_transformer as timm_vit
 import timm.models.vision_transformer_relpos as timm_vit_relpos
+import timm.models.xcit as timm_xcit
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +26,7 @@ from ...errors import ConversionError
 from ...nn import BcosCondConv2d, SplitQKV, SplitQKVConv
 from ...nn.act import quick_gelu_gate
 from ..report import REPLACED
-from .base import DESCEND, GATE, KEEP, REFUSE, REPLACE, Rule
+from .base import CONSTANT_OUTPUT, DESCEND, GATE, KEEP, REFUSE, REPLACE, Rule
 from .base import Context
 from .core import (FIRST_LAYER_TYPES, LINEAR_TYPES, PLAIN_CONVS, attention, bcos_conv, bcos_conv_same, bcos_linear,
                    gate, groupnorm, layernorm, layernorm2d, norm_act, ratio_gate, se_gate)
@@ -198,6 +199,11 @@ RULES: dict[type, Rule] = {
     timm_vit.VisionTransformer: Rule(DESCEND, constants=("cls_token", "reg_token", "pos_embed")),
     timm_deit.VisionTransformerDistilled: Rule(DESCEND, constants=("cls_token", "reg_token", "dist_token",
                                                                    "pos_embed")),
+    # a positional encoding computed from the token grid's size alone (sines and cosines, then a 1x1 convolution
+    # with its bias): a constant the model adds to the tokens, kept and explained per sample
+    timm_xcit.PositionalEncodingFourier: Rule(CONSTANT_OUTPUT, note="Fourier features of the grid size through a 1x1 "
+                                                                    "conv: a constant, explained as "
+                                                                    "constant_contribution"),
     # attention: the attention matrix is a gate (q, k detached in explanation mode), v and proj B-cos
     timm.layers.Attention: Rule(GATE, attention, "attention matrix a gate; v, proj B-cos"),
     timm_swin.WindowAttention: Rule(GATE, attention, "attention matrix (relative position bias) a gate; v, "
