@@ -11,7 +11,10 @@ classified against the value path (what the input flows through to the output):
 - a gate: a factor computed through sigmoid/softmax/tanh/a norm from the input and multiplied with the value
   path (squeeze-excite, attention, GRN): detached in explanation mode; the children that only compute a gate
   stay as they are,
-- constants (own parameters or buffers added to the value path) and scales (own parameters multiplying it).
+- constants (own parameters or buffers added to the value path) and scales (own parameters multiplying it),
+- arguments handed to a child that uses them on its gate path only (a rotary embedding table: declared by the
+  child's rule, or read from the child's own graph): what computes them (a child's buffers, tensors torch.fx
+  captured while tracing) stays off the value path.
 
 Anything else (a product of two value-path tensors, a nonlinear function of the value path, a constant number
 added to it, a child's weight read functionally) blocks the conversion, named with its source line.
@@ -334,7 +337,8 @@ def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | No
             else:
                 reading.gate_children.add(top)
     reading.gate_children -= reading.value_children
-    reading.gate_args = {str(n.target) for n in graph.nodes if n.op == "placeholder" and n not in on_value_path}
+    if reading.ok:  # (a forward that is not dynamic linear, or a gate as a whole, has no gate-only arguments)
+        reading.gate_args = {str(n.target) for n in graph.nodes if n.op == "placeholder" and n not in on_value_path}
     if reading.ok and reading.rewrites and reading.at_shapes:
         reading.blocking.append("its gates need a rewritten forward, but its control flow depends on the input "
                                 "shape, so the rewrite would only hold for the shape it was read at")
@@ -423,7 +427,11 @@ class _Walk:
         """The nodes handed to a child call as arguments the child uses on its gate path only (cut from the value
         path)."""
         child = self.children.get(str(node.target))
-        names = self.gate_args_of(child) if child is not None and self.gate_args_of is not None else set()
+        handed_nodes = _flat_args(node)
+        if child is None or self.gate_args_of is None or len(set(handed_nodes)) < 2 or \
+                isinstance(child, _GATE_MODULES):
+            return set()  # (a child handed one tensor uses it on its value path, or is a gate as a whole)
+        names = self.gate_args_of(child)
         if not names:
             return set()
         try:
