@@ -60,6 +60,23 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
     def used(module: nn.Module) -> bool:
         return any(id(m) in trace_info.executed for m in module.modules())
 
+    gate_args_cache: dict[int, set[str]] = {}
+
+    def gate_args_of(module: nn.Module) -> set[str]:
+        """The forward arguments ``module`` uses on its gate path only: its rule's, or read from its graph."""
+        if id(module) not in gate_args_cache:
+            gate_args_cache[id(module)] = set()  # (while reading it)
+            rule = table.get(type(module))
+            if rule is not None:
+                found = set(rule.gate_args)
+            elif used(module):
+                found = read_forward(module, trace_info.given.get(id(module)), trace_info.shapes.get(id(module)),
+                                     gate_args_of).gate_args
+            else:
+                found = set()
+            gate_args_cache[id(module)] = found
+        return gate_args_cache[id(module)]
+
     def convert(module: nn.Module, path: str) -> nn.Module:
         if id(module) in done:
             return done[id(module)][1]
@@ -71,7 +88,8 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
         elif rule is None or rule.action == DESCEND:
             new = module
             if rule is None:  # no rule: read what its forward does between its children
-                reading = read_forward(module, trace_info.given.get(id(module)), trace_info.shapes.get(id(module)))
+                reading = read_forward(module, trace_info.given.get(id(module)), trace_info.shapes.get(id(module)),
+                                       gate_args_of)
                 if reading.ok:
                     new = rewrite(module, reading)
                     own = {n for n, _ in module.named_parameters(recurse=False)}

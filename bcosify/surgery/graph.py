@@ -11,7 +11,10 @@ classified against the value path (what the input flows through to the output):
 - a gate: a factor computed through sigmoid/softmax/tanh/a norm from the input and multiplied with the value
   path (squeeze-excite, attention, GRN): detached in explanation mode; the children that only compute a gate
   stay as they are,
-- constants (own parameters or buffers added to the value path) and scales (own parameters multiplying it).
+- constants (own parameters or buffers added to the value path) and scales (own parameters multiplying it),
+- arguments handed to a child that uses them on its gate path only (a rotary embedding table: declared by the
+  child's rule, or read from the child's own graph): what computes them (a child's buffers, tensors torch.fx
+  captured while tracing) stays off the value path.
 
 Anything else (a product of two value-path tensors, a nonlinear function of the value path, a constant number
 added to it, a child's weight read functionally) blocks the conversion, named with its source line.
@@ -133,6 +136,9 @@ class Reading:
     fixed_args: tuple[str, ...] = ()
     at_shapes: bool = False  # read at the argument shapes it was called with (a rewrite would fix them)
     activation_nodes: list[fx.Node] = field(default_factory=list)
+    #: forward arguments that reach the output only through gates (a rotary embedding table handed on to the
+    #: attention): a caller may compute them from buffers and captured tensors
+    gate_args: set[str] = field(default_factory=set)
 
     @property
     def ok(self) -> bool:
@@ -263,12 +269,15 @@ def _example_args(module: nn.Module, shapes: dict | None,
     return tensors, values
 
 
-def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | None = None) -> Reading:
+def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | None = None,
+                 gate_args_of: Callable[[nn.Module], set[str]] | None = None) -> Reading:
     """Trace ``module``'s forward with its children as leaves and classify every operation between them.
 
     ``given``: the arguments the model's forward gave it (position or name -> given as None); those given as
     None or not given are fixed while tracing. ``shapes``: the shapes and dtypes of the tensors it was given
     (position or name -> (shape, dtype)): a forward whose control flow needs them is read at those shapes.
+    ``gate_args_of``: the forward arguments a child uses on its gate path only (what feeds them stays off the
+    value path, so buffers and captured tensors may compute them).
     """
     reading = Reading()
     fixed = _concrete_args(module, given)
@@ -296,7 +305,7 @@ def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | No
     reading.graph = graph
     own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
     children = dict(module.named_modules())
-    walk = _Walk(own, children, set(_example_args(module, shapes, {})[1]))
+    walk = _Walk(own, children, set(_example_args(module, shapes, {})[1]), gate_args_of)
     for node in graph.nodes:
         walk.visit(node)
     on_value_path = walk.value_path(graph)
@@ -328,6 +337,8 @@ def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | No
             else:
                 reading.gate_children.add(top)
     reading.gate_children -= reading.value_children
+    if reading.ok:  # (a forward that is not dynamic linear, or a gate as a whole, has no gate-only arguments)
+        reading.gate_args = {str(n.target) for n in graph.nodes if n.op == "placeholder" and n not in on_value_path}
     if reading.ok and reading.rewrites and reading.at_shapes:
         reading.blocking.append("its gates need a rewritten forward, but its control flow depends on the input "
                                 "shape, so the rewrite would only hold for the shape it was read at")
@@ -342,8 +353,11 @@ class _Walk:
     checks to apply to the nodes that turn out to be on the value path."""
 
     def __init__(self, own: dict[str, torch.Tensor], children: dict[str, nn.Module],
-                 plain_args: set[str] = frozenset()) -> None:
+                 plain_args: set[str] = frozenset(),
+                 gate_args_of: Callable[[nn.Module], set[str]] | None = None) -> None:
         self.own, self.children, self.plain_args = own, children, plain_args
+        self.gate_args_of = gate_args_of
+        self.gate_arg_edges: set[tuple[fx.Node, fx.Node]] = set()  # (argument, child call): a gate-only argument
         self.kinds: dict[fx.Node, str] = {}
         self.sources: dict[fx.Node, set[str]] = {}  # own tensors each constant derives from
         self.gate_sources: list[fx.Node] = []
@@ -361,7 +375,7 @@ class _Walk:
         seen: set[fx.Node] = set()
         stack = [n for n in graph.nodes if n.op == "output"]
         sources = set(self.gate_sources)
-        cut = set(self.gate_edges)
+        cut = set(self.gate_edges) | self.gate_arg_edges
         while stack:
             node = stack.pop()
             if node in seen:
@@ -379,7 +393,11 @@ class _Walk:
         elif node.op == "get_attr":
             self.kinds[node] = CONST
             self.sources[node] = {str(node.target)}
-            if str(node.target) not in self.own:
+            if str(node.target).startswith("_tensor_constant") and str(node.target) not in self.own:
+                self.sources[node] = set()  # a tensor torch.fx captured while tracing: computed from no parameter
+                self.check(node, "block", f"reads the tensor {node.target}, captured while tracing (computed from "
+                                          "no parameter), on the value path")
+            elif str(node.target) not in self.own:
                 self.check(node, "block", f"reads the tensor {node.target} of a child directly (a layer used "
                                           "functionally)")
         elif node.op == "output":
@@ -392,16 +410,41 @@ class _Walk:
             self.kinds[node] = CONST  # computed from constants and shapes only
             self.sources[node] = set().union(*(self.sources.get(a, set()) for a in inputs)) if inputs else set()
         elif node.op == "call_module":
+            gate_only = self._gate_arguments(node)
+            kinds = [self.kind(a) for a in _flat_args(node) if a not in gate_only]
             if isinstance(self.children.get(str(node.target)), _GATE_MODULES) and VALUE in kinds:
                 self.kinds[node] = GATE
                 self.gate_sources.append(node)
             else:
                 self.kinds[node] = VALUE if VALUE in kinds else GATE
                 for a in inputs:  # a parameter handed to a child next to the value path enters it there
-                    if self.kind(a) == CONST and self.sources.get(a):
+                    if a not in gate_only and self.kind(a) == CONST and self.sources.get(a):
                         self.check(node, "constant", self.sources[a])
         else:
             self.kinds[node] = self._call(node, inputs, kinds)
+
+    def _gate_arguments(self, node: fx.Node) -> set[fx.Node]:
+        """The nodes handed to a child call as arguments the child uses on its gate path only (cut from the value
+        path)."""
+        child = self.children.get(str(node.target))
+        handed_nodes = _flat_args(node)
+        if child is None or self.gate_args_of is None or len(set(handed_nodes)) < 2 or \
+                isinstance(child, _GATE_MODULES):
+            return set()  # (a child handed one tensor uses it on its value path, or is a gate as a whole)
+        names = self.gate_args_of(child)
+        if not names:
+            return set()
+        try:
+            params = [p.name for p in inspect.signature(child.forward).parameters.values()]
+        except (TypeError, ValueError):
+            params = []
+        handed = [(params[i] if i < len(params) else None, a) for i, a in enumerate(node.args)]
+        handed += list(node.kwargs.items())
+        out = {a for name, a in handed if name in names and isinstance(a, fx.Node)}
+        out -= {a for name, a in handed if name not in names and isinstance(a, fx.Node)}  # handed on as a value too
+        for arg in out:
+            self.gate_arg_edges.add((arg, node))
+        return out
 
     def _call(self, node: fx.Node, inputs: list[fx.Node], kinds: list[str]) -> str:
         """The kind of a function or method call that involves the value path or a gate."""

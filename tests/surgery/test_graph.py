@@ -613,3 +613,72 @@ def test_a_forward_with_shape_dependent_control_flow_is_read_at_its_shapes():
             torch.testing.assert_close(exact(x), original((x - 0.5) / 0.25), rtol=1e-10, atol=1e-12)
     with pytest.raises(ConversionError, match="block: .*_PadsToWindows .*control flow depends on the input shape"):
         bcosify.convert(_Windowed(gate=True), mean=0.5, std=0.25)
+
+
+class _Tables(nn.Module):
+    """A rotary-embedding-like child: the parent calls a method of it (not its forward), so the trace reads its
+    buffer functionally (``tables.freqs``) and captures the tensor ``torch.linspace`` makes (``_tensor_constant0``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("freqs", torch.rand(4) + 0.5)
+
+    def table(self, n):
+        positions = torch.arange(n, dtype=self.freqs.dtype, device=self.freqs.device)  # n: a size the trace follows
+        return torch.sin(self.freqs * positions) * torch.linspace(1, 2, 4, dtype=self.freqs.dtype)
+
+
+class _GatedByTable(nn.Module):
+    """Uses its ``table`` argument on its gate path only (as EVA's attention uses the rotary embedding on q, k)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.value = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, table):
+        return self.value(x) * torch.sigmoid(self.gate(x) * table)
+
+
+class _TableNet(nn.Module):
+    def __init__(self, body: str = "gate"):
+        super().__init__()
+        self.body = body
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.tables = _Tables()
+        self.mix = _GatedByTable()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.conv(x).mean((2, 3))
+        table = self.tables.table(y.shape[-1])
+        if self.body == "gate":
+            y = self.mix(y, table)
+        elif self.body == "added":
+            y = y + table
+        else:
+            y = y * table
+        return self.fc(y)
+
+
+def test_buffers_and_captured_tensors_feeding_a_gate_only_argument_are_read():
+    reading = read_forward(_GatedByTable())
+    assert reading.ok and reading.gate_args == {"table"}
+    assert not read_forward(_TableNet()).ok, "without knowing the child's gate-only argument, the table is refused"
+    assert read_forward(_TableNet(), gate_args_of=lambda m: {"table"} if isinstance(m, _GatedByTable) else set()).ok
+    bmodel = bcosify.convert(_TableNet(), mean=0.5, std=0.25)
+    assert bmodel.report.leftovers == []
+    assert "equivalence" in _verified(bmodel) and "completeness" in _verified(bmodel)
+    torch.manual_seed(0)
+    e = bcosify.explain(bmodel, torch.rand(2, 3, 8, 8))
+    assert e.completeness_error.max().item() < 1e-5
+
+
+@pytest.mark.parametrize("body", ["added", "scaled"])
+def test_buffers_and_captured_tensors_on_the_value_path_are_still_refused(body):
+    with pytest.raises(ConversionError) as info:
+        bcosify.convert(_TableNet(body), mean=0.5, std=0.25)
+    message = str(info.value)
+    assert "<model>: " in message and "_TableNet" in message
+    assert re.search(r"tables\.freqs at test_graph\.py:\d+: reads the tensor tables\.freqs of a child directly", message)
+    assert re.search(r"_tensor_constant0 at test_graph\.py:\d+: reads the tensor _tensor_constant0, captured while "
+                     r"tracing \(computed from no parameter\), on the value path", message)

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
@@ -20,6 +22,7 @@ from bcosify.explanation.viz import row_titles
 from bcosify.nn import GatePath, SelfAttention, SplitQKV
 from bcosify.surgery import Rule, register_rule
 from bcosify.surgery.rules import RULES
+from bcosify.surgery.support import randomised
 from helpers import assert_batch_matches_single, randomise_zero_weights
 
 SIZE = 32
@@ -193,11 +196,9 @@ def test_token_pool_refuses_other_models():
 
 
 @pytest.mark.parametrize("build, names", [
-    (lambda: timm.create_model("eva02_tiny_patch14_224", img_size=28, patch_size=7, depth=1, num_classes=10),
-     ["blocks.0.attn: timm.models.eva.EvaAttention"]),
     (lambda: timm.create_model("vit_tiny_patch16_224", global_pool="map", **TINY),
      ["attn_pool: timm.layers.attention_pool.AttentionPoolLatent (attention pooling"]),
-], ids=["eva", "map-pooling"])  # (BEiT and torchvision's Swin convert: families of the support matrix)
+], ids=["map-pooling"])  # (BEiT, EVA and torchvision's Swin convert)
 def test_refused_transformers_name_module_and_reason(build, names):
     with pytest.raises(ConversionError) as info:
         bcosify.convert(build().eval())
@@ -363,3 +364,44 @@ def test_xcit_save_load_round_trip(tmp_path):
         torch.testing.assert_close(loaded(x), bmodel(x))
     torch.testing.assert_close(bcosify.explain(loaded, x).constant_contribution,
                                bcosify.explain(bmodel, x).constant_contribution)
+
+
+_EVA = dict(img_size=28, patch_size=7, num_classes=10, embed_dim=32, depth=1, num_heads=2)
+
+
+@pytest.mark.parametrize("variant", ["fused-biases-rope", "fused-no-bias", "separate-swiglu-scale-norm",
+                                     "post-norm-gated", "no-rope"])
+def test_timm_eva_attention_variants(variant):
+    """EVA's attention: q, k (and the rotary embedding on them) a gate, v, the scale norm and proj converted."""
+    from timm.models.eva import Eva, EvaAttention
+    from timm.layers import LayerNorm
+
+    kwargs = {"fused-biases-rope": dict(use_rot_pos_emb=True, num_reg_tokens=2),
+              "fused-no-bias": dict(use_rot_pos_emb=True, qkv_bias=False),
+              "separate-swiglu-scale-norm": dict(use_rot_pos_emb=True, qkv_fused=False, swiglu_mlp=True,
+                                                 scale_attn_inner=True, qk_norm=True),
+              "post-norm-gated": dict(use_rot_pos_emb=True, use_post_norm=True),
+              "no-rope": {}}[variant]
+    torch.manual_seed(0)
+    model = Eva(**_EVA, **kwargs)
+    if variant == "post-norm-gated":
+        model.blocks[0].attn = EvaAttention(32, 2, gated=True, norm_layer=LayerNorm, scale_norm=True)
+    model = randomised(model.double().eval())
+    attn = model.blocks[0].attn
+    if attn.q_bias is not None:  # (zero at init)
+        with torch.no_grad():
+            attn.q_bias.normal_(), attn.v_bias.normal_()
+    bmodel = bcosify.convert(model, mean=IMAGENET_MEAN, std=IMAGENET_STD, verify=True)
+    (entry,) = bmodel.report.by_action("verified")
+    errors = {k: float(v) for k, v in re.findall(r"(equivalence|completeness) ([0-9.e+-]+)", entry.note)}
+    assert "not informative" not in entry.note and errors["equivalence"] < 1e-10 and errors["completeness"] < 1e-6
+    assert bmodel.report.leftovers == []
+    new = bmodel.network.blocks[0].attn
+    if attn.qkv is not None:
+        assert isinstance(new.qkv, SplitQKV) and new.q_bias is None and new.k_bias is None
+        assert type(new.qkv.v).__name__ == "BcosLinear"
+    else:
+        assert isinstance(new.q_proj, GatePath) and isinstance(new.k_proj, GatePath)
+        assert type(new.v_proj).__name__ == "BcosLinear" and type(new.norm).__name__ == "DetachableLayerNorm"
+    if variant == "post-norm-gated":
+        assert isinstance(new.gate, GatePath)

@@ -48,6 +48,9 @@ class Rule:
     (positional embeddings, class/register tokens); explanations account for them per sample.
     ``scales``: a container's own parameters that its forward multiplies the value path by (layer scale).
     A container's own parameter declared in neither is refused.
+    ``gate_args``: forward arguments the module uses on its gate path only (a rotary embedding table that acts
+    on q, k): a container calling it may compute them from buffers and captured tensors, which then stay off the
+    value path.
     """
 
     action: str
@@ -55,6 +58,7 @@ class Rule:
     note: str = ""
     constants: tuple[str, ...] = ()
     scales: tuple[str, ...] = ()
+    gate_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

@@ -23,9 +23,9 @@ from torch.nn.utils import skip_init
 from ...nn import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d, UncenteredBatchNorm2d, gated,
                    gelu_gate, gelu_tanh_gate, hardswish_gate)
 from ...errors import ConversionError
-from ...nn import BcosCondConv2d, SplitQKV, SplitQKVConv
+from ...nn import BcosCondConv2d, GatePath, SplitQKV, SplitQKVConv
 from ...nn.act import quick_gelu_gate
-from ..report import REPLACED
+from ..report import GATED, REPLACED
 from .base import CONSTANT_OUTPUT, DESCEND, GATE, KEEP, REFUSE, REPLACE, Rule
 from .base import Context
 from .core import (FIRST_LAYER_TYPES, LINEAR_TYPES, PLAIN_CONVS, attention, bcos_conv, bcos_conv_same, bcos_linear,
@@ -117,6 +117,34 @@ def _attention_with_qkv_biases(attn: nn.Module, ctx: Context) -> nn.Module:
                                                             "explanation mode); v B-cos")
     attn.qkv = qkv
     attn.q_bias = attn.k_bias = attn.v_bias = None  # its forward now calls qkv, biases included
+    attn.proj = convert_child(attn.proj, "proj")
+    return attn
+
+
+def _eva_attention(attn: nn.Module, ctx: Context) -> nn.Module:
+    """EVA's attention (EVA-02, DINOv3, ...): the fused ``qkv`` with its q/k/v biases (``k_bias`` a zero buffer)
+    split (q, k a gate, v B-cos), or separate ``q_proj``/``k_proj`` (gate) and ``v_proj`` (B-cos); the rotary
+    embedding and q/k norms act on the detached q, k only; the output gate (``gated``) is a gate; the scale norm on
+    the value path and ``proj`` converted. Its own forward is kept: it then calls the split projections."""
+    base, convert_child = ctx.path, ctx.convert_child
+    gate_note = "q, k kept (gate, detached in explanation mode; rotary embedding on them only); v B-cos"
+    if attn.qkv is not None:
+        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach()
+        qkv = SplitQKV.from_weights(attn.qkv.weight.detach(), bias, lambda v: bcos_linear(v, ctx))
+        ctx.report.add(f"{base}.qkv", attn.qkv, REPLACED, qkv, ("with q/k/v biases; " if bias is not None else "")
+                       + gate_note)
+        attn.qkv = qkv
+        attn.q_bias = attn.k_bias = attn.v_bias = None  # its forward now calls qkv, biases included
+    else:
+        for name in ("q_proj", "k_proj"):
+            old = getattr(attn, name)
+            setattr(attn, name, GatePath(old))
+            ctx.report.add(f"{base}.{name}", old, GATED, note="kept (gate, detached in explanation mode)")
+        attn.v_proj = convert_child(attn.v_proj, "v_proj")
+    if attn.gate is not None:  # sigmoid(gate(x)) multiplies the attention output: a gate
+        ctx.report.add(f"{base}.gate", attn.gate, GATED, note="output gate, kept (detached in explanation mode)")
+        attn.gate = GatePath(attn.gate)
+    attn.norm = convert_child(attn.norm, "norm")
     attn.proj = convert_child(attn.proj, "proj")
     return attn
 
@@ -217,7 +245,8 @@ RULES: dict[type, Rule] = {
                                                                  "gate; v, proj B-cos"),
     timm_vit_relpos.RelPosAttention: Rule(GATE, _relpos_attention, "attention matrix (relative position bias) a "
                                                                    "gate; v, proj B-cos"),
-    timm_eva.EvaAttention: Rule(REFUSE, note="reads q/k/v weights functionally (rotary embedding, q/v biases)"),
+    timm_eva.EvaAttention: Rule(GATE, _eva_attention, "attention matrix (rotary embedding on q, k) a gate; v, "
+                                                       "proj B-cos", gate_args=("rope",)),
     timm.layers.AttentionPoolLatent: Rule(REFUSE, note="attention pooling with a learned query "
                                                        "(use global_pool='token' or 'avg')"),
     timm_metaformer.StarReLU: Rule(REPLACE, _star_relu, "x * (scale * relu(x)), bias removed"),
