@@ -83,7 +83,8 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
         rule = table.get(type(module))
         gate_children: set[str] = set()
         if rule is None and not used(module):
-            report.add(path, module, UNUSED, note="unknown type, not called in forward; left as is")
+            report.add(path, module, UNUSED, note="unknown type whose forward never runs (a forward that reads its "
+                                                "tensors or calls its methods is checked there); left as is")
             new = module
         elif rule is None or rule.action == DESCEND:
             new = module

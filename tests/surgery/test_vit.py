@@ -396,6 +396,9 @@ def test_timm_eva_attention_variants(variant):
     errors = {k: float(v) for k, v in re.findall(r"(equivalence|completeness) ([0-9.e+-]+)", entry.note)}
     assert "not informative" not in entry.note and errors["equivalence"] < 1e-10 and errors["completeness"] < 1e-6
     assert bmodel.report.leftovers == []
+    if kwargs.get("use_rot_pos_emb"):  # the model calls the rope module's get_embed, never its forward
+        (rope,) = [e for e in bmodel.report.entries if e.path == "rope"]
+        assert rope.action == "unused" and "calls its methods is checked there" in rope.note
     new = bmodel.network.blocks[0].attn
     if attn.qkv is not None:
         assert isinstance(new.qkv, SplitQKV) and new.q_bias is None and new.k_bias is None
