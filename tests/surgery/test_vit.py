@@ -408,3 +408,25 @@ def test_timm_eva_attention_variants(variant):
         assert type(new.v_proj).__name__ == "BcosLinear" and type(new.norm).__name__ == "DetachableLayerNorm"
     if variant == "post-norm-gated":
         assert isinstance(new.gate, GatePath)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-qkv", "separate-q-k-v"])
+def test_timm_attention_rope_splits_q_k_from_v(fused):
+    """timm's ``AttentionRope`` (PE, the RoPE ViTs, Qwen3-ViT): q, k (biases kept) a gate, v B-cos."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_rope_mixed_224", img_size=32, depth=1, embed_dim=32, num_heads=2,
+                              num_classes=10)
+    if not fused:
+        model.blocks[0].attn = timm.layers.AttentionRope(32, 2, qkv_fused=False)
+    model = randomised(model.double().eval())
+    bmodel = bcosify.convert(model, mean=IMAGENET_MEAN, std=IMAGENET_STD, verify=True)
+    (entry,) = bmodel.report.by_action("verified")
+    errors = {k: float(v) for k, v in re.findall(r"(equivalence|completeness) ([0-9.e+-]+)", entry.note)}
+    assert "not informative" not in entry.note and errors["equivalence"] < 1e-10 and errors["completeness"] < 1e-6
+    assert bmodel.report.leftovers == []
+    new = bmodel.network.blocks[0].attn
+    if fused:
+        assert isinstance(new.qkv, SplitQKV) and type(new.qkv.v).__name__ == "BcosLinear"
+        assert new.qkv.qk.module.bias is not None  # the gate keeps its biases
+    else:
+        assert isinstance(new.q_proj, GatePath) and type(new.v_proj).__name__ == "BcosLinear"

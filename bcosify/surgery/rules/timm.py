@@ -122,19 +122,22 @@ def _attention_with_qkv_biases(attn: nn.Module, ctx: Context) -> nn.Module:
 
 
 def _eva_attention(attn: nn.Module, ctx: Context) -> nn.Module:
-    """EVA's attention (EVA-02, DINOv3, ...): the fused ``qkv`` with its q/k/v biases (``k_bias`` a zero buffer)
+    """EVA's attention (EVA-02, DINOv3, ...) and timm's ``AttentionRope`` (PE, the RoPE ViTs, Qwen3-ViT): the fused ``qkv`` with its q/k/v biases (``k_bias`` a zero buffer)
     split (q, k a gate, v B-cos), or separate ``q_proj``/``k_proj`` (gate) and ``v_proj`` (B-cos); the rotary
     embedding and q/k norms act on the detached q, k only; the output gate (``gated``) is a gate; the scale norm on
     the value path and ``proj`` converted. Its own forward is kept: it then calls the split projections."""
     base, convert_child = ctx.path, ctx.convert_child
     gate_note = "q, k kept (gate, detached in explanation mode; rotary embedding on them only); v B-cos"
     if attn.qkv is not None:
-        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach()
+        if getattr(attn, "q_bias", None) is not None:  # EVA: separate q/k/v biases, concatenated by its forward
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)).detach()
+            attn.q_bias = attn.k_bias = attn.v_bias = None  # its forward now calls qkv, biases included
+        else:
+            bias = None if attn.qkv.bias is None else attn.qkv.bias.detach()
         qkv = SplitQKV.from_weights(attn.qkv.weight.detach(), bias, lambda v: bcos_linear(v, ctx))
         ctx.report.add(f"{base}.qkv", attn.qkv, REPLACED, qkv, ("with q/k/v biases; " if bias is not None else "")
                        + gate_note)
         attn.qkv = qkv
-        attn.q_bias = attn.k_bias = attn.v_bias = None  # its forward now calls qkv, biases included
     else:
         for name in ("q_proj", "k_proj"):
             old = getattr(attn, name)
@@ -247,6 +250,8 @@ RULES: dict[type, Rule] = {
                                                                    "gate; v, proj B-cos"),
     timm_eva.EvaAttention: Rule(GATE, _eva_attention, "attention matrix (rotary embedding on q, k) a gate; v, "
                                                        "proj B-cos", gate_args=("rope",)),
+    timm.layers.AttentionRope: Rule(GATE, _eva_attention, "attention matrix (rotary embedding on q, k) a gate; v, "
+                                                          "proj B-cos", gate_args=("rope",)),
     timm.layers.AttentionPoolLatent: Rule(REFUSE, note="attention pooling with a learned query "
                                                        "(use global_pool='token' or 'avg')"),
     timm_metaformer.StarReLU: Rule(REPLACE, _star_relu, "x * (scale * relu(x)), bias removed"),
