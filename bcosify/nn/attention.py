@@ -32,23 +32,29 @@ class GatePath(DetachableModule):
 
 class SplitQKV(nn.Module):
     """A fused ``qkv`` projection split in two: ``[q, k]`` from the original rows (biases kept; a gate) and
-    ``v`` from a value-path layer (a B-cos linear). The output layout is the fused one: ``[q, k, v]``."""
+    ``v`` from a value-path layer (a B-cos linear). The output layout is the fused one: ``[q, k, v]``.
+    With ``parts=2`` it is a fused ``kv`` projection (rows ``[k; v]``): ``k`` a gate, ``v`` on the value path."""
 
-    def __init__(self, qk: nn.Linear, v: nn.Module) -> None:
+    def __init__(self, qk: nn.Linear, v: nn.Module, parts: int = 3) -> None:
         super().__init__()
         self.qk = GatePath(qk)
         self.v = v
+        self.parts = parts  # equal parts of the fused output; the last one is v
 
     @classmethod
     def from_weights(cls, weight: torch.Tensor, bias: torch.Tensor | None,
-                     convert_value: Callable[[nn.Linear], nn.Module]) -> "SplitQKV":
+                     convert_value: Callable[[nn.Linear], nn.Module], parts: int = 3) -> "SplitQKV":
         """Split a fused projection's ``weight``/``bias`` (rows ``[q; k; v]`` of equal size, as in a ``qkv``
-        linear or ``nn.MultiheadAttention``'s ``in_proj``); ``convert_value`` turns the ``v`` rows (an
-        ``nn.Linear``) into the value-path layer."""
+        linear or ``nn.MultiheadAttention``'s ``in_proj``; ``parts=2``: rows ``[k; v]``, as in a ``kv`` linear);
+        ``convert_value`` turns the ``v`` rows (an ``nn.Linear``) into the value-path layer."""
+        if parts not in (2, 3):
+            raise ValueError(f"a fused projection has 2 (kv) or 3 (qkv) parts, got {parts}")
         rows = weight.shape[0]
-        if rows % 3:
-            raise ValueError(f"a fused qkv projection needs 3 equal parts, got {rows} outputs")
-        return cls(_linear(weight, bias, 0, 2 * rows // 3), convert_value(_linear(weight, bias, 2 * rows // 3, rows)))
+        if rows % parts:
+            raise ValueError(f"a fused {'qkv' if parts == 3 else 'kv'} projection needs {parts} equal parts, got "
+                             f"{rows} outputs")
+        start = (parts - 1) * rows // parts
+        return cls(_linear(weight, bias, 0, start), convert_value(_linear(weight, bias, start, rows)), parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.qk(x), self.v(x)], dim=-1)

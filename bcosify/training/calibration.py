@@ -289,6 +289,7 @@ def _watch_counterpart(layer: _Layer, original: nn.Module, network: nn.Module) -
             counterpart, where = parent.act, "input"
         elif name == "v" and isinstance(network.get_submodule(parent_path), SplitQKV):
             counterpart, where = parent, "v"
+            parts = network.get_submodule(parent_path).parts  # v: the last of the fused output's equal parts
         else:
             return
 
@@ -301,7 +302,7 @@ def _watch_counterpart(layer: _Layer, original: nn.Module, network: nn.Module) -
         layer.handles.append(counterpart.register_forward_pre_hook(lambda m, inputs: record(inputs[0])))
     elif where == "v":
         layer.handles.append(counterpart.register_forward_hook(
-            lambda m, inputs, out: record(out[..., 2 * out.shape[-1] // 3:])))
+            lambda m, inputs, out: record(out[..., (parts - 1) * out.shape[-1] // parts:])))
     else:
         layer.handles.append(counterpart.register_forward_hook(lambda m, inputs, out: record(out)))
 

@@ -12,6 +12,7 @@ import timm.models.eva as timm_eva
 import timm.models.metaformer as timm_metaformer
 import timm.models.swin_transformer as timm_swin
 import timm.models.swin_transformer_v2 as timm_swin_v2
+import timm.models.twins as timm_twins
 import timm.models.vision_transformer as timm_vit
 import timm.models.vision_transformer_relpos as timm_vit_relpos
 import timm.models.xcit as timm_xcit
@@ -181,6 +182,36 @@ def _conv_attention(attn: nn.Module, ctx: Context) -> nn.Module:
     return attn
 
 
+def _subsample_attention(attn: nn.Module, ctx: Context) -> nn.Module:
+    """Twins' ``GlobalSubSampleAttn``: queries from ``q`` on the input (a gate); keys and values from one ``kv``
+    linear on the input subsampled by the strided convolution ``sr`` and its LayerNorm ``norm``. ``sr`` and
+    ``norm`` are on the value path (v is computed from them), so they are converted; ``kv`` is split (k a gate,
+    detached in explanation mode; v B-cos); ``proj`` converted. The keys are computed from the converted ``sr`` and
+    ``norm``: at b=1 with biases kept they are the original keys."""
+    base, convert_child = ctx.path, ctx.convert_child  # (nested conversions move ctx on)
+    for name, child in list(attn.named_children()):
+        path = f"{base}.{name}"
+        if name == "q":
+            new = GatePath(child)
+            ctx.report.add(path, child, GATED, new, "queries: gate path, kept (detached in explanation mode)")
+        elif name == "kv":
+            if type(child) not in LINEAR_TYPES:
+                raise ConversionError(f"{path}: expected a Linear kv projection, got {type(child).__name__}")
+            try:
+                new = SplitQKV.from_weights(child.weight.detach(), None if child.bias is None else child.bias.detach(),
+                                            lambda v: bcos_linear(v, ctx), parts=2)
+            except ValueError as e:
+                raise ConversionError(f"{path} ({type(child).__name__}): {e}") from None
+            ctx.report.add(path, child, REPLACED, new, "k kept (gate, detached in explanation mode); v B-cos")
+        elif name in ("sr", "norm", "proj", "attn_drop", "proj_drop"):
+            new = convert_child(child, name)
+        else:
+            raise ConversionError(f"{path} ({type(child).__name__}): a child of {type(attn).__name__} this rule "
+                                  "does not know")
+        setattr(attn, name, new)
+    return attn
+
+
 def _efficientnet_se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
     x_se = se.conv_expand(se.act1(se.conv_reduce(x.mean((2, 3), keepdim=True))))
     return se.gate(x_se)
@@ -215,6 +246,10 @@ _CONTAINERS = (
     timm.models.selecsls.SelecSlsBlock,  # convolutions and concatenations over a list of two tensors
     timm.models.fasternet.Partial_conv3,  # a convolution over the first channels, the rest passed on
     timm.models.mobilenetv5.MobileNetV5MultiScaleFusionAdapter,  # resize, concatenate, a block, pool
+    # per stage: patch embedding (returns tokens and the grid size), dropout, blocks called with the grid size,
+    # the positional convolution after the first block, tokens reshaped to a map between stages; then norm, token
+    # mean, head (fx cannot unpack the grid size, `*size`, nor zip the stage lists)
+    timm_twins.Twins,
 )
 
 _KEPT = (timm.layers.SelectAdaptivePool2d, timm.layers.DropPath, timm.layers.LayerScale, timm.layers.PatchDropout,
@@ -246,6 +281,11 @@ RULES: dict[type, Rule] = {
                                                                          "bias) a gate; v, proj B-cos"),
     timm.models.maxxvit.Attention2d: Rule(GATE, _conv_attention, "attention matrix (relative position bias) a "
                                                                  "gate; v, proj B-cos"),
+    # Twins: locally grouped (windowed, zero-padded to whole windows) attention with a fused qkv; global
+    # attention over keys and values from a strided convolution of the input (v's path: sr, norm, kv's v rows)
+    timm_twins.LocallyGroupedAttn: Rule(GATE, attention, "windowed attention matrix a gate; v, proj B-cos"),
+    timm_twins.GlobalSubSampleAttn: Rule(GATE, _subsample_attention, "attention matrix a gate (q; k from kv); "
+                                                                     "sr, norm, v, proj B-cos"),
     timm_vit_relpos.RelPosAttention: Rule(GATE, _relpos_attention, "attention matrix (relative position bias) a "
                                                                    "gate; v, proj B-cos"),
     timm_eva.EvaAttention: Rule(GATE, _eva_attention, "attention matrix (rotary embedding on q, k) a gate; v, "
