@@ -50,6 +50,7 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
     ``config.strict``.
     """
     table = {**RULES, **(rules or {})}
+    constant_types = tuple(t for t, r in table.items() if r.action == CONSTANT_OUTPUT)
     report = ConversionReport()
     originals = list(model.modules())  # alive for the whole walk: the ids in trace_info and done stay theirs
     ctx = Context(config=config, report=report, rules=table)
@@ -71,7 +72,8 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
         elif rule is None or rule.action == DESCEND:
             new = module
             if rule is None:  # no rule: read what its forward does between its children
-                reading = read_forward(module, trace_info.given.get(id(module)), trace_info.shapes.get(id(module)))
+                reading = read_forward(module, trace_info.given.get(id(module)), trace_info.shapes.get(id(module)),
+                                       constant_types)
                 if reading.ok:
                     new = rewrite(module, reading)
                     own = {n for n, _ in module.named_parameters(recurse=False)}

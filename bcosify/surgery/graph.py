@@ -11,7 +11,10 @@ classified against the value path (what the input flows through to the output):
 - a gate: a factor computed through sigmoid/softmax/tanh/a norm from the input and multiplied with the value
   path (squeeze-excite, attention, GRN): detached in explanation mode; the children that only compute a gate
   stay as they are,
-- constants (own parameters or buffers added to the value path) and scales (own parameters multiplying it).
+- constants (own parameters or buffers added to the value path) and scales (own parameters multiplying it),
+- the output of a child whose rule says it computes a constant from the input's shape alone (``Rule("constant")``:
+  EdgeNeXt's Fourier positional encoding, called with ``(B, H, W)``) added to the value path; a child called with
+  shape values only and no such rule stays refused (nothing says its output is a constant the explanation sees).
 
 Anything else (a product of two value-path tensors, a nonlinear function of the value path, a constant number
 added to it, a child's weight read functionally) blocks the conversion, named with its source line.
@@ -125,6 +128,8 @@ class Reading:
     scales: set[str] = field(default_factory=set)
     gate_children: set[str] = field(default_factory=set)
     value_children: set[str] = field(default_factory=set)
+    #: children (``Rule("constant")``) called with shape values only, whose outputs are added as constants
+    constant_children: set[str] = field(default_factory=set)
     graph: fx.Graph | None = None
     gate_nodes: list[fx.Node] = field(default_factory=list)
     gate_edges: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)
@@ -152,6 +157,8 @@ class Reading:
             parts.append(f"{len(self.activation_nodes)} functional activation(s) gated")
         if self.gate_children:
             parts.append(f"gate path kept: {', '.join(sorted(self.gate_children))}")
+        if self.constant_children:
+            parts.append(f"constant added from: {', '.join(sorted(self.constant_children))}")
         return "; ".join(parts)
 
 
@@ -263,12 +270,15 @@ def _example_args(module: nn.Module, shapes: dict | None,
     return tensors, values
 
 
-def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | None = None) -> Reading:
+def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | None = None,
+                 constant_types: tuple[type, ...] = ()) -> Reading:
     """Trace ``module``'s forward with its children as leaves and classify every operation between them.
 
     ``given``: the arguments the model's forward gave it (position or name -> given as None); those given as
     None or not given are fixed while tracing. ``shapes``: the shapes and dtypes of the tensors it was given
     (position or name -> (shape, dtype)): a forward whose control flow needs them is read at those shapes.
+    ``constant_types``: module types whose rule says they compute a constant from the input's shape alone
+    (``Rule("constant")``); such a child called with shape values only gives a constant its caller may add.
     """
     reading = Reading()
     fixed = _concrete_args(module, given)
@@ -296,7 +306,7 @@ def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | No
     reading.graph = graph
     own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
     children = dict(module.named_modules())
-    walk = _Walk(own, children, set(_example_args(module, shapes, {})[1]))
+    walk = _Walk(own, children, set(_example_args(module, shapes, {})[1]), constant_types)
     for node in graph.nodes:
         walk.visit(node)
     on_value_path = walk.value_path(graph)
@@ -313,9 +323,14 @@ def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | No
                 if check == "block":
                     reading.blocking.append(f"{_name(node)} at {_where(node)}: {payload}")
                 elif check == "constant":
-                    reading.constants |= payload
+                    reading.constants |= payload - walk.constant_children
+                    reading.constant_children |= payload & walk.constant_children
                 elif check == "scale":
-                    reading.scales |= payload
+                    if payload & walk.constant_children:  # explained as an added constant, so it must be added
+                        reading.blocking.append(f"{_name(node)} at {_where(node)}: multiplies the value path by the "
+                                                f"output of {', '.join(sorted(payload & walk.constant_children))}, "
+                                                "a constant module whose output is explained as added")
+                    reading.scales |= payload - walk.constant_children
                 elif check == "activation":
                     reading.activation_nodes.append(node)
     reading.gate_nodes = [n for n in walk.gate_sources if n in on_value_path]
@@ -342,8 +357,12 @@ class _Walk:
     checks to apply to the nodes that turn out to be on the value path."""
 
     def __init__(self, own: dict[str, torch.Tensor], children: dict[str, nn.Module],
-                 plain_args: set[str] = frozenset()) -> None:
+                 plain_args: set[str] = frozenset(), constant_types: tuple[type, ...] = ()) -> None:
         self.own, self.children, self.plain_args = own, children, plain_args
+        self.constant_types = constant_types
+        #: children with a constant rule called with shape values only: their names stand in ``sources`` for the
+        #: constants they compute (a child's name is never an own tensor's name)
+        self.constant_children: set[str] = set()
         self.kinds: dict[fx.Node, str] = {}
         self.sources: dict[fx.Node, set[str]] = {}  # own tensors each constant derives from
         self.gate_sources: list[fx.Node] = []
@@ -391,6 +410,11 @@ class _Walk:
         elif VALUE not in kinds and GATE not in kinds:
             self.kinds[node] = CONST  # computed from constants and shapes only
             self.sources[node] = set().union(*(self.sources.get(a, set()) for a in inputs)) if inputs else set()
+            if node.op == "call_module" and self.constant_types and \
+                    isinstance(self.children.get(str(node.target)), self.constant_types):
+                # a child that computes a constant from shapes (its rule says so): explained per sample
+                self.sources[node] = self.sources[node] | {str(node.target)}
+                self.constant_children.add(str(node.target))
         elif node.op == "call_module":
             if isinstance(self.children.get(str(node.target)), _GATE_MODULES) and VALUE in kinds:
                 self.kinds[node] = GATE
