@@ -50,6 +50,7 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
     ``config.strict``.
     """
     table = {**RULES, **(rules or {})}
+    constant_types = tuple(t for t, r in table.items() if r.action == CONSTANT_OUTPUT)
     report = ConversionReport()
     originals = list(model.modules())  # alive for the whole walk: the ids in trace_info and done stay theirs
     ctx = Context(config=config, report=report, rules=table)
@@ -71,7 +72,7 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
                 found = set(rule.gate_args)
             elif used(module):
                 found = read_forward(module, trace_info.given.get(id(module)), trace_info.shapes.get(id(module)),
-                                     gate_args_of).gate_args
+                                     gate_args_of, constant_types).gate_args
             else:
                 found = set()
             gate_args_cache[id(module)] = found
@@ -90,7 +91,7 @@ def convert_modules(model: nn.Module, config: BcosConfig, trace_info: Trace,
             new = module
             if rule is None:  # no rule: read what its forward does between its children
                 reading = read_forward(module, trace_info.given.get(id(module)), trace_info.shapes.get(id(module)),
-                                       gate_args_of)
+                                       gate_args_of, constant_types)
                 if reading.ok:
                     new = rewrite(module, reading)
                     own = {n for n, _ in module.named_parameters(recurse=False)}

@@ -15,6 +15,9 @@ classified against the value path (what the input flows through to the output):
 - arguments handed to a child that uses them on its gate path only (a rotary embedding table: declared by the
   child's rule, or read from the child's own graph): what computes them (a child's buffers, tensors torch.fx
   captured while tracing) stays off the value path.
+- the output of a child whose rule says it computes a constant from the input's shape alone (``Rule("constant")``:
+  EdgeNeXt's Fourier positional encoding, called with ``(B, H, W)``) added to the value path; a child called with
+  shape values only and no such rule stays refused (nothing says its output is a constant the explanation sees).
 
 Anything else (a product of two value-path tensors, a nonlinear function of the value path, a constant number
 added to it, a child's weight read functionally) blocks the conversion, named with its source line.
@@ -128,6 +131,8 @@ class Reading:
     scales: set[str] = field(default_factory=set)
     gate_children: set[str] = field(default_factory=set)
     value_children: set[str] = field(default_factory=set)
+    #: children (``Rule("constant")``) called with shape values only, whose outputs are added as constants
+    constant_children: set[str] = field(default_factory=set)
     graph: fx.Graph | None = None
     gate_nodes: list[fx.Node] = field(default_factory=list)
     gate_edges: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)
@@ -158,6 +163,8 @@ class Reading:
             parts.append(f"{len(self.activation_nodes)} functional activation(s) gated")
         if self.gate_children:
             parts.append(f"gate path kept: {', '.join(sorted(self.gate_children))}")
+        if self.constant_children:
+            parts.append(f"constant added from: {', '.join(sorted(self.constant_children))}")
         return "; ".join(parts)
 
 
@@ -270,7 +277,8 @@ def _example_args(module: nn.Module, shapes: dict | None,
 
 
 def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | None = None,
-                 gate_args_of: Callable[[nn.Module], set[str]] | None = None) -> Reading:
+                 gate_args_of: Callable[[nn.Module], set[str]] | None = None,
+                 constant_types: tuple[type, ...] = ()) -> Reading:
     """Trace ``module``'s forward with its children as leaves and classify every operation between them.
 
     ``given``: the arguments the model's forward gave it (position or name -> given as None); those given as
@@ -278,6 +286,8 @@ def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | No
     (position or name -> (shape, dtype)): a forward whose control flow needs them is read at those shapes.
     ``gate_args_of``: the forward arguments a child uses on its gate path only (what feeds them stays off the
     value path, so buffers and captured tensors may compute them).
+    ``constant_types``: module types whose rule says they compute a constant from the input's shape alone
+    (``Rule("constant")``); such a child called with shape values only gives a constant its caller may add.
     """
     reading = Reading()
     fixed = _concrete_args(module, given)
@@ -305,7 +315,7 @@ def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | No
     reading.graph = graph
     own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
     children = dict(module.named_modules())
-    walk = _Walk(own, children, set(_example_args(module, shapes, {})[1]), gate_args_of)
+    walk = _Walk(own, children, set(_example_args(module, shapes, {})[1]), gate_args_of, constant_types)
     for node in graph.nodes:
         walk.visit(node)
     on_value_path = walk.value_path(graph)
@@ -322,9 +332,14 @@ def read_forward(module: nn.Module, given: dict | None = None, shapes: dict | No
                 if check == "block":
                     reading.blocking.append(f"{_name(node)} at {_where(node)}: {payload}")
                 elif check == "constant":
-                    reading.constants |= payload
+                    reading.constants |= payload - walk.constant_children
+                    reading.constant_children |= payload & walk.constant_children
                 elif check == "scale":
-                    reading.scales |= payload
+                    if payload & walk.constant_children:  # explained as an added constant, so it must be added
+                        reading.blocking.append(f"{_name(node)} at {_where(node)}: multiplies the value path by the "
+                                                f"output of {', '.join(sorted(payload & walk.constant_children))}, "
+                                                "a constant module whose output is explained as added")
+                    reading.scales |= payload - walk.constant_children
                 elif check == "activation":
                     reading.activation_nodes.append(node)
     reading.gate_nodes = [n for n in walk.gate_sources if n in on_value_path]
@@ -354,10 +369,15 @@ class _Walk:
 
     def __init__(self, own: dict[str, torch.Tensor], children: dict[str, nn.Module],
                  plain_args: set[str] = frozenset(),
-                 gate_args_of: Callable[[nn.Module], set[str]] | None = None) -> None:
+                 gate_args_of: Callable[[nn.Module], set[str]] | None = None,
+                 constant_types: tuple[type, ...] = ()) -> None:
         self.own, self.children, self.plain_args = own, children, plain_args
         self.gate_args_of = gate_args_of
         self.gate_arg_edges: set[tuple[fx.Node, fx.Node]] = set()  # (argument, child call): a gate-only argument
+        self.constant_types = constant_types
+        #: children with a constant rule called with shape values only: their names stand in ``sources`` for the
+        #: constants they compute (a child's name is never an own tensor's name)
+        self.constant_children: set[str] = set()
         self.kinds: dict[fx.Node, str] = {}
         self.sources: dict[fx.Node, set[str]] = {}  # own tensors each constant derives from
         self.gate_sources: list[fx.Node] = []
@@ -409,6 +429,11 @@ class _Walk:
         elif VALUE not in kinds and GATE not in kinds:
             self.kinds[node] = CONST  # computed from constants and shapes only
             self.sources[node] = set().union(*(self.sources.get(a, set()) for a in inputs)) if inputs else set()
+            if node.op == "call_module" and self.constant_types and \
+                    isinstance(self.children.get(str(node.target)), self.constant_types):
+                # a child that computes a constant from shapes (its rule says so): explained per sample
+                self.sources[node] = self.sources[node] | {str(node.target)}
+                self.constant_children.add(str(node.target))
         elif node.op == "call_module":
             gate_only = self._gate_arguments(node)
             kinds = [self.kind(a) for a in _flat_args(node) if a not in gate_only]

@@ -682,3 +682,56 @@ def test_buffers_and_captured_tensors_on_the_value_path_are_still_refused(body):
     assert re.search(r"tables\.freqs at test_graph\.py:\d+: reads the tensor tables\.freqs of a child directly", message)
     assert re.search(r"_tensor_constant0 at test_graph\.py:\d+: reads the tensor _tensor_constant0, captured while "
                      r"tracing \(computed from no parameter\), on the value path", message)
+
+
+class _GridCode(nn.Module):
+    """A code of the grid computed from the shape ``(B, H, W)`` alone (as EdgeNeXt's Fourier positional encoding):
+    sines and cosines through a 1x1 convolution with its bias."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(4, dim, 1)
+
+    def forward(self, shape):
+        B, H, W = shape
+        ys = torch.linspace(0, 3, H, dtype=self.proj.weight.dtype).view(1, 1, H, 1).expand(B, 1, H, W)
+        xs = torch.linspace(0, 3, W, dtype=self.proj.weight.dtype).view(1, 1, 1, W).expand(B, 1, H, W)
+        return self.proj(torch.cat([ys.sin(), ys.cos(), xs.sin(), xs.cos()], 1))
+
+
+class _AddsGridCode(nn.Module):
+    def __init__(self, multiply: bool = False):
+        super().__init__()
+        self.stem, self.code, self.fc, self.multiply = nn.Conv2d(3, 4, 3, stride=2), _GridCode(4), nn.Linear(4, 3), \
+            multiply
+
+    def forward(self, x):
+        y = self.stem(x)
+        B, C, H, W = y.shape
+        code = self.code((B, H, W))  # called with shape values only: no tensor goes in
+        y = y * code if self.multiply else y + code
+        return self.fc(y.mean((2, 3)))
+
+
+def test_a_child_called_with_shapes_only_is_a_constant_only_under_a_constant_rule():
+    torch.manual_seed(0)
+    model = _AddsGridCode().double().eval()
+    for rules in ({}, {_GridCode: Rule("keep")}):  # no rule, or one that does not say its output is a constant
+        with pytest.raises(ConversionError, match=r"<model>: .*_AddsGridCode \(add at test_graph.py:\d+: adds a "
+                                                  "tensor computed from no parameter to the value path"):
+            bcosify.convert(model, mean=0.5, std=0.25, rules=rules)
+    bmodel = bcosify.convert(model, mean=0.5, std=0.25, rules={_GridCode: Rule("constant")})
+    assert bmodel.constants == ["code"] and bmodel.report.leftovers == []
+    assert any(e.action == "read" and "constant added from: code" in e.note for e in bmodel.report.entries)
+    assert [e.action for e in bmodel.report.entries if e.path == "code"] == ["constant"]
+    assert bmodel.network.code.proj.bias is not None  # part of the constant, kept
+    errors = {k: float(v) for k, v in re.findall(r"(equivalence|completeness) ([0-9.e+-]+)", _verified(bmodel))}
+    assert errors["equivalence"] < 1e-10 and errors["completeness"] < 1e-10, _verified(bmodel)
+    e = bcosify.explain(bmodel, _images(3))
+    assert e.completeness_error.max().item() < 1e-10
+    assert bool((e.constant_contribution.abs() > 1e-3 * e.explained_logit.abs()).all())
+    # the constant's output multiplying the value path is no added constant: refused, even under the rule
+    with pytest.raises(ConversionError, match="mul at test_graph.py:\\d+: multiplies the value path by the output "
+                                              "of code"):
+        bcosify.convert(_AddsGridCode(multiply=True).double().eval(), mean=0.5, std=0.25,
+                        rules={_GridCode: Rule("constant")})

@@ -430,3 +430,41 @@ def test_timm_attention_rope_splits_q_k_from_v(fused):
         assert new.qkv.qk.module.bias is not None  # the gate keeps its biases
     else:
         assert isinstance(new.q_proj, GatePath) and type(new.v_proj).__name__ == "BcosLinear"
+
+
+def _edgenext() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("edgenext_xx_small", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), heads=(2, 2, 2, 2),
+                             ls_init_value=1.0, num_classes=10).double().eval()
+
+
+def test_edgenext_positional_encoding_called_with_a_shape_is_a_constant_explained_per_sample():
+    """EdgeNeXt's SplitTransposeBlock calls its Fourier positional encoding with ``(B, H, W)`` alone (no tensor goes
+    in) and adds the output to the tokens: read as a constant because the encoding's rule says it is one."""
+    bmodel = _bcos(_edgenext())
+    path = "stages.1.blocks.0.pos_embd"
+    assert bmodel.constants == [path] and bmodel.report.leftovers == []
+    (entry,) = [e for e in bmodel.report.entries if e.path == path]
+    assert entry.action == "constant" and entry.old_type.endswith("edgenext.PositionalEncodingFourier")
+    encoding = bmodel.network.get_submodule(path)
+    assert encoding.token_projection.bias is not None  # part of the constant, kept
+    x = _images(3)
+    e = bcosify.explain(bmodel, x)
+    assert e.completeness_error.max() < 1e-10
+    assert bool((e.constant_contribution.abs() > 1e-3 * e.explained_logit.abs()).all())
+    assert len(set(round(v, 15) for v in e.constant_contribution.tolist())) == 3
+    assert not encoding._forward_hooks  # explain leaves no hook behind
+    assert_batch_matches_single(bmodel, x, e.target, ("constant_contribution", "contributions"), rtol=1e-9)
+    # the constant contribution is sum(c * dlogit/dc) for the encoding's output c
+    outputs = []
+    handle = encoding.register_forward_hook(
+        lambda _m, _i, out: outputs.append(out.detach().requires_grad_(True)) or outputs[-1])
+    try:
+        with bmodel.explanation_mode():
+            logit = bmodel.network(bmodel.encode(x[:1]))[0, e.target[0]]
+            (grad,) = torch.autograd.grad(logit, outputs)
+    finally:
+        handle.remove()
+    expected = (outputs[0] * grad).sum().detach()
+    assert expected.abs() > 1e-3 * logit.abs()  # no rounding
+    torch.testing.assert_close(e.constant_contribution[0], expected, rtol=1e-10, atol=0)

@@ -8,6 +8,7 @@ import timm.models
 import timm.models._efficientnet_blocks as timm_eff_blocks
 import timm.models.beit as timm_beit
 import timm.models.deit as timm_deit
+import timm.models.edgenext as timm_edgenext
 import timm.models.eva as timm_eva
 import timm.models.metaformer as timm_metaformer
 import timm.models.swin_transformer as timm_swin
@@ -270,6 +271,10 @@ RULES: dict[type, Rule] = {
     timm_xcit.PositionalEncodingFourier: Rule(CONSTANT_OUTPUT, note="Fourier features of the grid size through a 1x1 "
                                                                     "conv: a constant, explained as "
                                                                     "constant_contribution"),
+    # EdgeNeXt's copy of it, called with the shape (B, H, W) alone
+    timm_edgenext.PositionalEncodingFourier: Rule(CONSTANT_OUTPUT, note="Fourier features of the grid size "
+                                                                        "through a 1x1 conv: a constant, explained "
+                                                                        "as constant_contribution"),
     # attention: the attention matrix is a gate (q, k detached in explanation mode), v and proj B-cos
     timm.layers.Attention: Rule(GATE, attention, "attention matrix a gate; v, proj B-cos"),
     timm_swin.WindowAttention: Rule(GATE, attention, "attention matrix (relative position bias) a gate; v, "
