@@ -14,7 +14,7 @@ from .errors import ConversionError
 from .model import BcosModel
 from .nn import BcosConv2d, fold_input_normalization, resolve_normalization
 from .surgery.engine import convert_modules, replace_classifier
-from .surgery.report import CONSTANT, KEPT, SHIFTED, ConversionReport, type_name
+from .surgery.report import CONSTANT, FOLDED, KEPT, SHIFTED, ConversionReport, type_name
 from .surgery.rules import DESCEND, FIRST_LAYER_TYPES, PLAIN_CONVS, RULES, Rule
 from .surgery.trace import trace
 from .training.calibration import calibrate as calibrate_model
@@ -124,9 +124,16 @@ def _has_unruled_container(module: nn.Module, table: Mapping[type, Rule]) -> boo
 
 def _convert_prepared(network: nn.Module, config: BcosConfig, info, rules: Mapping[type, Rule] | None) -> BcosModel:
     """The conversion proper, of a network whose classifier and pooling are final and config resolved."""
+    from .surgery.adapters import fold_input_transform
+
+    mean, std = fold_input_transform(network, config.mean, config.std)  # (the normalization as given, usually)
     for path in info.first_layer_paths:
-        _encode_first_layer(network, path, config, info.first_layer_blocks.get(path, 1))
+        _encode_first_layer(network, path, mean, std, info.first_layer_blocks.get(path, 1))
+    folded = (mean, std) != (tuple(config.mean), tuple(config.std))
     network, report = convert_modules(network, config, info, rules)
+    if folded:
+        report.add("", network, FOLDED, note=f"its transform_input (a fixed per-channel map of the normalized input) "
+                   f"folded into the input normalization: mean {_rounded(mean)}, std {_rounded(std)}; switched off")
     if config.padding_mode != "zeros":
         _set_padding(network, info.first_layer_paths, config, report)
     if config.center_grid:
@@ -203,7 +210,11 @@ def _set_padding(network: nn.Module, first_layer_paths: tuple[str, ...], config:
                    note="padding colour [v, 1 - v] of the encoded image, explained as constant_contribution")
 
 
-def _encode_first_layer(network: nn.Module, path: str, config: BcosConfig, space_to_depth: int = 1) -> None:
+def _rounded(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def _encode_first_layer(network: nn.Module, path: str, mean, std, space_to_depth: int = 1) -> None:
     """Replace a layer that takes the image (rearranged by a ``space_to_depth`` block size) by one over
     ``[x, 1 - x]`` with the normalization folded in; refuse one that cannot take it."""
     first = network.get_submodule(path)
@@ -213,7 +224,7 @@ def _encode_first_layer(network: nn.Module, path: str, config: BcosConfig, space
         raise ConversionError(f"the image goes into {path} ({type_name(first)}), which is not a convolution the input "
                               "normalization can be folded into (the image may only be zero-padded or resized before "
                               "its first convolutions)")
-    network.set_submodule(path, fold_input_normalization(first, config.mean, config.std, space_to_depth))
+    network.set_submodule(path, fold_input_normalization(first, mean, std, space_to_depth))
 
 
 def _logit_bias(config: BcosConfig, num_classes: int) -> float:

@@ -111,6 +111,7 @@ def _build(source: str, name: str) -> nn.Module:
     kwargs = {"num_classes": 10}
     if name.startswith(("googlenet", "inception")):
         kwargs["aux_logits"], kwargs["init_weights"] = False, False
+        kwargs["transform_input"] = True  # as built for torchvision's weights
     return tvm.get_model(name, **kwargs)
 
 

@@ -10,6 +10,7 @@ from torch.nn.utils import skip_init
 
 from ..errors import ConversionError
 from ..nn.head import ClassifierBeforePooling, MeanPatchTokens
+from .rules import INPUT_TRANSFORMS
 from .trace import Trace
 
 try:
@@ -93,3 +94,48 @@ def pool_patch_tokens(model: nn.Module) -> None:
     else:
         raise ConversionError(f"token_pool='mean' applies to timm and torchvision VisionTransformer models, not "
                               f"{type(model).__name__}")
+
+
+def _input_transforms(model: nn.Module) -> list[tuple[str, nn.Module, tuple, tuple]]:
+    """The modules of ``model`` that re-map their input (:data:`INPUT_TRANSFORMS`) with their flag on."""
+    found = []
+    for path, module in model.named_modules():
+        entry = INPUT_TRANSFORMS.get(type(module))
+        if entry is not None and getattr(module, entry[0]):
+            found.append((path, module, *entry))
+    return found
+
+
+def fold_input_transform(model: nn.Module, mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Switch off ``model``'s fixed per-channel input map (torchvision GoogLeNet/Inception v3 ``transform_input``),
+    in place, and return the normalization ``(mean', std')`` its first layers then see: ``(x - mean) / std`` mapped
+    by ``* scale + shift`` is ``(x - mean') / std'``. Without such a map, ``(mean, std)`` as given."""
+    found = _input_transforms(model)
+    if not found:
+        return tuple(mean), tuple(std)
+    if len(found) > 1 or found[0][0] != "":
+        path = found[0][0] or "<model>"
+        raise ConversionError(f"{path} ({type(found[0][1]).__name__}): an input map ({found[0][2]}) that is not the "
+                              "model's own first operation cannot be folded into the input normalization")
+    _, module, flag, scale, shift = found[0]
+    if len(scale) != len(mean):
+        raise ConversionError(f"<model> ({type(module).__name__}): its {flag} maps {len(scale)} channels but the "
+                              f"input normalization has {len(mean)}")
+    setattr(module, flag, False)
+    return (tuple(m - c * s / a for m, s, a, c in zip(mean, std, scale, shift)),
+            tuple(s / a for s, a in zip(std, scale)))
+
+
+class input_transform_off:
+    """Within the block, ``model``'s input map (:func:`fold_input_transform`) is off; it is restored after."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.found = _input_transforms(model)
+
+    def __enter__(self) -> None:
+        for _, module, flag, _, _ in self.found:
+            setattr(module, flag, False)
+
+    def __exit__(self, *exc) -> None:
+        for _, module, flag, _, _ in self.found:
+            setattr(module, flag, True)

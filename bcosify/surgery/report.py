@@ -16,6 +16,7 @@ VERIFIED = "verified"  # the conversion-time verification (equivalence and compl
 READ = "read"  # a container without a rule whose forward was read from its graph and found exact
 CONSTANT = "constant"  # a parameter (or a module's output) added to the value path as a constant (explained per sample)
 SHIFTED = "shifted"  # a strided layer that samples one position later (``center_grid``)
+FOLDED = "folded"  # a fixed input map (``transform_input``) folded into the input normalization
 
 
 def type_name(obj: object) -> str:

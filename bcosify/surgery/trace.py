@@ -205,8 +205,10 @@ def trace(model: nn.Module) -> Trace:
     shapes: dict[int, dict] = {}
     handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in model.modules()]
     handles += [m.register_forward_hook(post_hook) for m in model.modules()]
+    from .adapters import input_transform_off  # (adapters import this module)
+
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), input_transform_off(model):  # folded into the normalization
             error, first_error = None, None
             for in_chans, size in [(c, s) for c in _in_chans(model) for s in _input_sizes(model)]:
                 for store in (executed, consumers, images, transformed, transforms, given, shapes, inside, blocks,

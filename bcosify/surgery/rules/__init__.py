@@ -13,7 +13,7 @@ import importlib
 import warnings
 
 from .base import ACTIONS, CONSTANT_OUTPUT, DESCEND, GATE, KEEP, REFUSE, REPLACE, Builder, Context, Rule
-from .core import FIRST_LAYER_TYPES, LINEAR_TYPES, PLAIN_CONVS
+from .core import FIRST_LAYER_TYPES, INPUT_TRANSFORMS, LINEAR_TYPES, PLAIN_CONVS
 
 RULES: dict[type, Rule] = {}
 #: the libraries whose rule modules loaded (``bcosify.surgery.rules.<name>``)
@@ -47,4 +47,4 @@ def register_rule(module_type: type, rule: Rule) -> None:
 
 
 __all__ = ["ACTIONS", "CLASSIFIER_TYPES", "CONSTANT_OUTPUT", "DESCEND", "FIRST_LAYER_TYPES", "GATE", "KEEP", "LIBRARIES",
-           "LINEAR_TYPES", "PLAIN_CONVS", "REFUSE", "REPLACE", "RULES", "Builder", "Context", "Rule", "register_rule"]
+           "INPUT_TRANSFORMS", "LINEAR_TYPES", "PLAIN_CONVS", "REFUSE", "REPLACE", "RULES", "Builder", "Context", "Rule", "register_rule"]

@@ -25,6 +25,10 @@ FIRST_LAYER_TYPES: set[type] = {nn.Conv2d}
 #: convolutions that compute a plain convolution with a weight derived from their parameters alone (weight
 #: standardisation): type -> the equivalent plain convolution, built at conversion
 PLAIN_CONVS: dict[type, Callable[[nn.Module], nn.Conv2d]] = {}
+#: models that map their (normalized) input by a fixed per-channel affine map ``x * scale + shift`` before their
+#: first layers while a flag is on (torchvision GoogLeNet/Inception v3 ``transform_input``): type -> (flag
+#: attribute, scale, shift); conversion folds the map into the input normalization and switches the flag off
+INPUT_TRANSFORMS: dict[type, tuple[str, tuple[float, ...], tuple[float, ...]]] = {}
 
 
 # --- builders ---------------------------------------------------------------------------------------

@@ -16,13 +16,22 @@ import torchvision.models.vision_transformer as tv_vit
 import torchvision.ops
 import torchvision.ops.misc as tv_misc
 from torch import nn
+from torchvision.models.googlenet import GoogLeNet
+from torchvision.models.inception import Inception3
 
 from ...errors import ConversionError
 from ...nn import ShiftedWindowAttention, SplitQKV
 from ..report import REPLACED
 from .base import DESCEND, GATE, KEEP, REPLACE, Context, Rule
-from .core import LINEAR_TYPES, bcos_linear, layernorm2d, se_gate
+from .core import INPUT_TRANSFORMS, LINEAR_TYPES, bcos_linear, layernorm2d, se_gate
 
+
+# GoogLeNet and Inception v3 built for torchvision's weights re-normalize their ImageNet-normalized input to
+# (x - 0.5) / 0.5 per channel: x * (std / 0.5) + (mean - 0.5) / 0.5
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+for _type in (GoogLeNet, Inception3):
+    INPUT_TRANSFORMS[_type] = ("transform_input", tuple(s / 0.5 for s in _IMAGENET_STD),
+                               tuple((m - 0.5) / 0.5 for m in _IMAGENET_MEAN))
 
 def _shifted_window_attention(attn: nn.Module, ctx: Context) -> ShiftedWindowAttention:
     """Swin's and Swin V2's shifted-window attention, whose forward reads ``qkv.weight`` and ``proj.weight``
