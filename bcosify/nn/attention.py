@@ -30,6 +30,19 @@ class GatePath(DetachableModule):
         return out.detach() if self.explanation_mode else out
 
 
+class GateLinear(GatePath):
+    """A linear layer on a gate path, as :class:`GatePath`, that still shows its ``weight`` and ``bias`` (for a
+    forward that reads them, e.g. for their device and dtype)."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.module.bias
+
+
 class SplitQKV(nn.Module):
     """A fused ``qkv`` projection split in two: ``[q, k]`` from the original rows (biases kept; a gate) and
     ``v`` from a value-path layer (a B-cos linear). The output layout is the fused one: ``[q, k, v]``.

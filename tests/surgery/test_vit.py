@@ -19,7 +19,7 @@ from bcosify.errors import ConversionError
 from bcosify.explanation import per_sample_constants
 from bcosify.explanation.checks import equivalence_error
 from bcosify.explanation.viz import row_titles
-from bcosify.nn import GatePath, SelfAttention, SplitQKV
+from bcosify.nn import GateLinear, GatePath, SelfAttention, SplitQKV
 from bcosify.surgery import Rule, register_rule
 from bcosify.surgery.rules import RULES
 from bcosify.surgery.support import randomised
@@ -430,6 +430,55 @@ def test_timm_attention_rope_splits_q_k_from_v(fused):
         assert new.qkv.qk.module.bias is not None  # the gate keeps its biases
     else:
         assert isinstance(new.q_proj, GatePath) and type(new.v_proj).__name__ == "BcosLinear"
+
+
+def _convit() -> nn.Module:
+    """A ConViT with one GPSA block (local), then the class token, then one MHSA block; q/k biases on."""
+    torch.manual_seed(0)
+    model = timm.create_model("convit_tiny", img_size=SIZE, patch_size=8, depth=2, local_up_to_layer=1, embed_dim=8,
+                              num_heads=2, qkv_bias=True, num_classes=10)
+    return randomised(model.double().eval())
+
+
+def test_convit_gpsa_keeps_its_attention_as_a_gate_and_converts_v_and_proj():
+    """ConViT's gated positional self-attention: ``qk``, ``pos_proj`` (on the relative indices) and the gating
+    parameter make the attention matrix (a gate, kept); ``v`` and ``proj`` B-cos. Exact at b=1 with biases,
+    complete at b=2, the class token and positional embedding explained as constants."""
+    model = _convit()
+    attn = model.blocks[0].attn
+    bmodel = bcosify.convert(model, mean=IMAGENET_MEAN, std=IMAGENET_STD, verify=True)
+    (entry,) = bmodel.report.by_action("verified")
+    errors = {k: float(v) for k, v in re.findall(r"(equivalence|completeness) ([0-9.e+-]+)", entry.note)}
+    assert "not informative" not in entry.note and errors["equivalence"] < 1e-10 and errors["completeness"] < 1e-6
+    assert bmodel.report.leftovers == []
+    assert bmodel.constants == ["cls_token", "pos_embed"]
+    new = bmodel.network.blocks[0].attn
+    assert type(new).__name__ == "GPSA"  # its own forward, kept
+    assert isinstance(new.qk, GateLinear) and new.qk.module.bias is not None  # the gate keeps its biases
+    assert new.qk.weight is new.qk.module.weight
+    assert isinstance(new.pos_proj, GatePath) and new.pos_proj.module.bias is not None
+    assert type(new.v).__name__ == "BcosLinear" and new.v.bias is None
+    assert type(new.proj).__name__ == "BcosLinear" and new.proj.bias is None
+    torch.testing.assert_close(new.gating_param, attn.gating_param)
+    gated = {e.path for e in bmodel.report.by_action("gated")}
+    assert {"blocks.0.attn", "blocks.0.attn.qk", "blocks.0.attn.pos_proj", "blocks.0.attn.gating_param"} <= gated
+    mhsa = bmodel.network.blocks[1].attn  # the global blocks' attention: fused qkv split
+    assert isinstance(mhsa.qkv, SplitQKV) and type(mhsa.qkv.v).__name__ == "BcosLinear"
+    # b=1 with biases: the original model
+    x = _images(3)
+    assert equivalence_error(model, x, mean=IMAGENET_MEAN, std=IMAGENET_STD) < 1e-10
+    # the relative indices, recomputed when the token count changes, read the gate's weight for their dtype
+    with torch.no_grad():
+        before = bmodel(x)
+        new.rel_indices = torch.zeros(1, 1, 1, 3, dtype=torch.float64)
+        torch.testing.assert_close(bmodel(x), before, rtol=1e-12, atol=0)
+    assert new.rel_indices.shape == (1, 16, 16, 3) and new.rel_indices.dtype == torch.float64
+    # completeness per sample, the constants carrying part of the logit
+    e = bcosify.explain(bmodel, x)
+    assert e.completeness_error.max() < 1e-6
+    total = e.contributions.flatten(1).sum(1) + e.constant_contribution
+    torch.testing.assert_close(total, e.explained_logit, rtol=1e-9, atol=0)
+    assert bool((e.constant_contribution.abs() > 1e-6 * e.explained_logit.abs()).all())
 
 
 def _edgenext() -> nn.Module:

@@ -7,6 +7,7 @@ import timm.layers.activations as timm_act
 import timm.models
 import timm.models._efficientnet_blocks as timm_eff_blocks
 import timm.models.beit as timm_beit
+import timm.models.convit as timm_convit
 import timm.models.deit as timm_deit
 import timm.models.edgenext as timm_edgenext
 import timm.models.eva as timm_eva
@@ -25,7 +26,7 @@ from torch.nn.utils import skip_init
 from ...nn import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d, UncenteredBatchNorm2d, gated,
                    gelu_gate, gelu_tanh_gate, hardswish_gate)
 from ...errors import ConversionError
-from ...nn import BcosCondConv2d, GatePath, SplitQKV, SplitQKVConv
+from ...nn import BcosCondConv2d, GateLinear, GatePath, SplitQKV, SplitQKVConv
 from ...nn.act import quick_gelu_gate
 from ..report import GATED, REPLACED
 from .base import CONSTANT_OUTPUT, DESCEND, GATE, KEEP, REFUSE, REPLACE, Rule
@@ -151,6 +152,40 @@ def _eva_attention(attn: nn.Module, ctx: Context) -> nn.Module:
         attn.gate = GatePath(attn.gate)
     attn.norm = convert_child(attn.norm, "norm")
     attn.proj = convert_child(attn.proj, "proj")
+    return attn
+
+
+def _gpsa(attn: nn.Module, ctx: Context) -> nn.Module:
+    """ConViT's gated positional self-attention: ``attn = (1 - sigmoid(g)) softmax(q k^T) + sigmoid(g)
+    softmax(pos_proj(rel_indices))``, renormalised, then ``proj(attn @ v)``. The attention matrix is a gate: ``qk``
+    (biases kept; it still shows its weight, which the forward reads for the dtype of the relative indices),
+    ``pos_proj`` (on a buffer of the token grid's relative positions) and the gating parameter stay as they are,
+    detached in explanation mode; ``v`` and ``proj`` are converted. Its own forward is kept (it recomputes the
+    relative indices when the token count changes, which torch.fx cannot trace)."""
+    base, convert_child = ctx.path, ctx.convert_child  # (nested conversions move ctx on)
+    for name, child in list(attn.named_children()):
+        path = f"{base}.{name}"
+        if name == "qk":
+            if type(child) not in LINEAR_TYPES:
+                raise ConversionError(f"{path}: expected a Linear qk projection, got {type(child).__name__}")
+            new = GateLinear(child)
+            ctx.report.add(path, child, GATED, new, "q, k kept (gate, detached in explanation mode)")
+        elif name == "pos_proj":
+            new = GatePath(child)
+            ctx.report.add(path, child, GATED, new, "positional attention logits from the relative indices (gate), "
+                                                    "kept")
+        elif name == "attn_drop":  # acts on the attention matrix
+            new = child
+        elif name in ("v", "proj", "proj_drop"):
+            new = convert_child(child, name)
+        else:
+            raise ConversionError(f"{path} ({type(child).__name__}): a child of {type(attn).__name__} this rule "
+                                  "does not know")
+        setattr(attn, name, new)
+    for name, param in attn.named_parameters(recurse=False):
+        if name != "gating_param":
+            raise ConversionError(f"{base}.{name}: a parameter of {type(attn).__name__} this rule does not know")
+        ctx.report.add(f"{base}.{name}", param, GATED, note="mixes the two attention matrices (gate), kept")
     return attn
 
 
@@ -291,6 +326,9 @@ RULES: dict[type, Rule] = {
     timm_twins.LocallyGroupedAttn: Rule(GATE, attention, "windowed attention matrix a gate; v, proj B-cos"),
     timm_twins.GlobalSubSampleAttn: Rule(GATE, _subsample_attention, "attention matrix a gate (q; k from kv); "
                                                                      "sr, norm, v, proj B-cos"),
+    timm_convit.GPSA: Rule(GATE, _gpsa, "gated positional attention matrix a gate (qk, pos_proj, gating_param "
+                                        "kept); v, proj B-cos"),
+    timm_convit.MHSA: Rule(GATE, attention, "attention matrix a gate; v, proj B-cos"),
     timm_vit_relpos.RelPosAttention: Rule(GATE, _relpos_attention, "attention matrix (relative position bias) a "
                                                                    "gate; v, proj B-cos"),
     timm_eva.EvaAttention: Rule(GATE, _eva_attention, "attention matrix (rotary embedding on q, k) a gate; v, "
