@@ -481,6 +481,21 @@ def test_convit_gpsa_keeps_its_attention_as_a_gate_and_converts_v_and_proj():
     assert bool((e.constant_contribution.abs() > 1e-6 * e.explained_logit.abs()).all())
 
 
+def test_convit_save_load_round_trip(tmp_path):
+    """The wrapped gate layers (``qk``, ``pos_proj``) rebuild from the saved skeleton."""
+    kwargs = dict(img_size=SIZE, patch_size=8, depth=2, local_up_to_layer=1, embed_dim=8, num_heads=2, qkv_bias=True,
+                  num_classes=10)
+    bmodel = bcosify.convert("timm:convit_tiny", weights=None, model_kwargs=kwargs)
+    bcosify.save(bmodel, tmp_path / "convit")
+    loaded = bcosify.load(tmp_path / "convit")
+    assert loaded.constants == bmodel.constants == ["cls_token", "pos_embed"]
+    x = _images(2).float()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), bmodel(x))
+    torch.testing.assert_close(bcosify.explain(loaded, x).constant_contribution,
+                               bcosify.explain(bmodel, x).constant_contribution)
+
+
 def _edgenext() -> nn.Module:
     torch.manual_seed(0)
     return timm.create_model("edgenext_xx_small", depths=(1, 1, 1, 1), dims=(8, 16, 24, 32), heads=(2, 2, 2, 2),
