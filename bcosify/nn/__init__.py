@@ -1,7 +1,8 @@
 """Layers of B-cos networks: alignment layers, normalization, gates, the input encoding and the heads."""
 
 from .act import GatedActivation, gated, gelu_gate, gelu_tanh_gate, hardswish_gate, ratio_gate, relu6_gate
-from .attention import GateLinear, GatePath, SelfAttention, ShiftedWindowAttention, SplitQKV, SplitQKVConv
+from .attention import (GateLinear, GatePath, LinearAttention, MultiScaleProjection, SelfAttention,
+                        ShiftedWindowAttention, SplitQKV, SplitQKVConv)
 from .base import DetachableModule, set_explanation_mode
 from .condconv import BcosCondConv2d
 from .bcos import BcosConv2d, BcosLinear, bcos_scale, conv_patch_sq_norms
@@ -14,8 +15,9 @@ from .norm import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm
 
 __all__ = [
     "BcosCondConv2d", "BcosConv2d", "BcosLinear", "ClassifierBeforePooling", "DauConv2d", "DauLinear", "DetachableGroupNorm", "DetachableLayerNorm",
-    "DetachableLayerNorm2d", "DetachableModule", "DetachedGate", "ExplanationDetach", "GateLinear", "GatePath", "GatedActivation", "InputEncoder",
-    "LogitBias", "MeanPatchTokens", "SelfAttention", "ShiftedWindowAttention", "SplitQKV", "SplitQKVConv", "SyncUncenteredBatchNorm2d",
+    "DetachableLayerNorm2d", "DetachableModule", "DetachedGate", "ExplanationDetach", "GateLinear", "GatePath",
+    "GatedActivation", "InputEncoder", "LinearAttention", "LogitBias", "MeanPatchTokens", "MultiScaleProjection",
+    "SelfAttention", "ShiftedWindowAttention", "SplitQKV", "SplitQKVConv", "SyncUncenteredBatchNorm2d",
     "UncenteredBatchNorm1d", "UncenteredBatchNorm2d",
     "bcos_scale", "check_images", "conv_patch_sq_norms", "fold_input_normalization", "gated", "gelu_gate",
     "gelu_tanh_gate", "hardswish_gate", "ratio_gate", "relu6_gate", "resolve_normalization",

@@ -243,3 +243,149 @@ class ShiftedWindowAttention(DetachableModule):
         if shifted:
             x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
         return x[:, :h, :w, :].contiguous()
+
+
+def split_conv(conv: nn.Conv2d, rows: torch.Tensor) -> nn.Conv2d:
+    """The part of ``conv`` that computes output channels ``rows`` (sorted). A grouped convolution keeps whole
+    groups only: ``rows`` must be the union of some groups' outputs, and the part reads those groups' inputs (in
+    order). Weights and bias are copies."""
+    groups = conv.groups
+    per_out = conv.out_channels // groups
+    rows = rows.flatten()
+    if groups == 1:
+        kept_groups, in_channels = 1, conv.in_channels
+    else:
+        chosen = rows // per_out
+        kept = chosen.unique()
+        if len(rows) != len(kept) * per_out or not torch.equal(rows, (kept[:, None] * per_out
+                                                                          + torch.arange(per_out, device=rows.device)).flatten()):
+            raise ValueError(f"output channels that split groups of {conv} ({per_out} outputs a group)")
+        kept_groups, in_channels = len(kept), len(kept) * (conv.in_channels // groups)
+    new = skip_init(nn.Conv2d, in_channels, len(rows), conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=kept_groups, bias=conv.bias is not None,
+                    padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight[rows])
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias[rows])
+    return new
+
+
+class MultiScaleProjection(nn.Module):
+    """A projection and aggregation branches on its output, concatenated over channels:
+    ``cat([y, branch_1(y), ...])`` with ``y = proj(x)`` (EfficientViT's multi-scale q/k/v)."""
+
+    def __init__(self, proj: nn.Module, aggreg: nn.ModuleList) -> None:
+        super().__init__()
+        self.proj = proj
+        self.aggreg = aggreg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)
+        return torch.cat([y, *(branch(y) for branch in self.aggreg)], dim=1)
+
+
+class LinearAttention(DetachableModule):
+    """EfficientViT's (MIT) lightweight multi-scale ReLU linear attention (timm's ``LiteMLA``) with the queries and
+    keys on a gate path and the values on the value path.
+
+    Per head: ``out = (relu(q) (relu(k)^T [v, 1]))[:, :-1] / (its last column + eps)``, then ``proj``. For fixed
+    ``q`` and ``k`` this is linear in ``v`` (the last column, the normaliser, is ``relu(q) relu(k)^T 1``: a gate),
+    so in explanation mode ``q`` and ``k`` are detached and the output is ``W(x) v``. timm computes q, k and v with
+    one 1x1 convolution and aggregation convolutions (depthwise, then grouped 1x1 with one group per head and part)
+    whose channels stay within q, k or v: here they are split into ``qk`` (the original weights, biases kept; a
+    :class:`GatePath`) and ``v`` (value-path layers), each a :class:`MultiScaleProjection`.
+
+    ``attention_dtype``: the dtype of the attention products (timm: float32 whatever the input's, autocast off);
+    ``None``: the input's dtype, at least float32.
+    """
+
+    def __init__(self, qk: nn.Module, v: nn.Module, proj: nn.Module, dim: int, eps: float = 1e-5,
+                 kernel_func: nn.Module | None = None, dropout: nn.Module | None = None,
+                 attention_dtype: torch.dtype | None = torch.float32) -> None:
+        super().__init__()
+        self.dropout = dropout if dropout is not None else nn.Identity()
+        self.qk = qk if isinstance(qk, GatePath) else GatePath(qk)
+        self.v = v
+        self.kernel_func = kernel_func if kernel_func is not None else nn.ReLU()
+        self.proj = proj
+        self.dim = dim
+        self.eps = eps
+        self.attention_dtype = attention_dtype
+
+    @staticmethod
+    def value_channels(channels: int, dim: int) -> torch.Tensor:
+        """Which of a fused ``qkv`` output's channels are values: per head ``[q, k, v]``, ``dim`` channels each."""
+        if channels % (3 * dim):
+            raise ValueError(f"{channels} q/k/v channels are not heads of 3 x {dim}")
+        return (torch.arange(channels) // dim) % 3 == 2
+
+    @classmethod
+    def from_module(cls, mla: nn.Module, convert_value: Callable[[nn.Conv2d, str], nn.Module],
+                    proj: nn.Module | None = None,
+                    attention_dtype: torch.dtype | None = torch.float32) -> "LinearAttention":
+        """From timm's ``LiteMLA``: ``qkv`` (a 1x1 convolution, no norm, no activation) and every aggregation
+        convolution split into their q/k part (kept, a gate) and their v part (``convert_value(conv, name)``,
+        ``name`` the original's path below ``mla``: ``qkv.conv``, ``aggreg.0.1``). ``proj`` replaces
+        ``mla.proj`` (e.g. converted). Raises ``ValueError`` naming what does not fit."""
+        qkv = mla.qkv
+        conv = getattr(qkv, "conv", None)
+        if type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or conv.groups != 1:
+            raise ValueError(f"qkv.conv: expected a 1x1 Conv2d without groups, got {conv}")
+        for name in ("norm", "act"):
+            if type(getattr(qkv, name, None)) is not nn.Identity:
+                raise ValueError(f"qkv.{name}: {type(getattr(qkv, name, None)).__name__} after the fused q/k/v "
+                                 "convolution (only Identity is split)")
+        value = cls.value_channels(conv.out_channels, mla.dim).to(conv.weight.device)
+        gate_rows, value_rows = (~value).nonzero().flatten(), value.nonzero().flatten()
+        qk_branches, v_branches = nn.ModuleList(), nn.ModuleList()
+        for i, branch in enumerate(mla.aggreg):
+            if not isinstance(branch, nn.Sequential):
+                raise ValueError(f"aggreg.{i}: expected a Sequential of Conv2d, got {type(branch).__name__}")
+            qk_layers, v_layers = [], []
+            mask = value  # which channels entering the next layer are values
+            for j, layer in enumerate(branch):
+                if type(layer) is not nn.Conv2d or layer.in_channels != layer.out_channels:
+                    raise ValueError(f"aggreg.{i}.{j}: expected a Conv2d keeping the channel count, got {layer}")
+                per_in, per_out = layer.in_channels // layer.groups, layer.out_channels // layer.groups
+                group_in = mask.reshape(layer.groups, per_in)
+                if not (group_in.all(1) | ~group_in.any(1)).all():
+                    raise ValueError(f"aggreg.{i}.{j}: a group of {layer} mixes value and query/key channels")
+                mask = group_in[:, :1].expand(layer.groups, per_out).flatten()
+                try:
+                    qk_layers.append(split_conv(layer, (~mask).nonzero().flatten()))
+                    v_layers.append(convert_value(split_conv(layer, mask.nonzero().flatten()), f"aggreg.{i}.{j}"))
+                except ValueError as e:
+                    raise ValueError(f"aggreg.{i}.{j}: {e}") from None
+            if not torch.equal(mask, value):
+                raise ValueError(f"aggreg.{i}: its output channels are not per head [q, k, v]")
+            qk_branches.append(nn.Sequential(*qk_layers))
+            v_branches.append(nn.Sequential(*v_layers))
+        qk = MultiScaleProjection(split_conv(conv, gate_rows), qk_branches)
+        v = MultiScaleProjection(convert_value(split_conv(conv, value_rows), "qkv.conv"), v_branches)
+        return cls(qk, v, mla.proj if proj is None else proj, mla.dim, mla.eps, mla.kernel_func,
+                   getattr(qkv, "dropout", None), attention_dtype)
+
+    def _attn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        dtype = v.dtype
+        compute = self.attention_dtype or torch.promote_types(dtype, torch.float32)
+        q, k, v = q.to(compute), k.to(compute), v.to(compute)
+        out = q @ (k.transpose(-1, -2) @ v)
+        return (out[..., :-1] / (out[..., -1:] + self.eps)).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        x = self.dropout(x)
+        qk = self.qk(x).reshape(b, -1, 2 * self.dim, h * w).transpose(-1, -2)
+        q, k = qk.chunk(2, dim=-1)
+        v = self.v(x).reshape(b, -1, self.dim, h * w).transpose(-1, -2)
+        q, k = self.kernel_func(q), self.kernel_func(k)
+        if self.explanation_mode:  # (qk is detached already; a kernel function with parameters would not be)
+            q, k = q.detach(), k.detach()
+        v = F.pad(v, (0, 1), mode="constant", value=1.0)  # the last column: the normaliser (no gradient to v)
+        if v.device.type != "meta":
+            with torch.autocast(device_type=v.device.type, enabled=False):
+                out = self._attn(q, k, v)
+        else:
+            out = self._attn(q, k, v)
+        return self.proj(out.transpose(-1, -2).reshape(b, -1, h, w))

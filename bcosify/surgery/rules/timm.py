@@ -10,6 +10,7 @@ import timm.models.beit as timm_beit
 import timm.models.convit as timm_convit
 import timm.models.deit as timm_deit
 import timm.models.edgenext as timm_edgenext
+import timm.models.efficientvit_mit as timm_evit_mit
 import timm.models.eva as timm_eva
 import timm.models.metaformer as timm_metaformer
 import timm.models.swin_transformer as timm_swin
@@ -26,7 +27,7 @@ from torch.nn.utils import skip_init
 from ...nn import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d, UncenteredBatchNorm2d, gated,
                    gelu_gate, gelu_tanh_gate, hardswish_gate)
 from ...errors import ConversionError
-from ...nn import BcosCondConv2d, GateLinear, GatePath, SplitQKV, SplitQKVConv
+from ...nn import BcosCondConv2d, GateLinear, GatePath, LinearAttention, SplitQKV, SplitQKVConv
 from ...nn.act import quick_gelu_gate
 from ..report import GATED, REPLACED
 from .base import CONSTANT_OUTPUT, DESCEND, GATE, KEEP, REFUSE, REPLACE, Rule
@@ -218,6 +219,28 @@ def _conv_attention(attn: nn.Module, ctx: Context) -> nn.Module:
     return attn
 
 
+def _linear_attention(mla: nn.Module, ctx: Context) -> nn.Module:
+    """EfficientViT-MIT's ``LiteMLA`` (ReLU linear attention over multi-scale q/k/v): its fused ``qkv``
+    convolution and every aggregation convolution split by channel (q, k kept, a gate; v B-cos), ``proj``
+    converted; see :class:`bcosify.nn.LinearAttention`."""
+    base = ctx.path
+
+    def convert_value(conv: nn.Conv2d, name: str) -> nn.Module:
+        ctx.path = f"{base}.{name}"
+        new = bcos_conv(conv, ctx)
+        ctx.report.add(ctx.path, mla.get_submodule(name), REPLACED, new,
+                       "value channels B-cos; query/key channels kept (gate, detached in explanation mode)")
+        return new
+
+    try:
+        new = LinearAttention.from_module(mla, convert_value, proj=nn.Identity())
+    except ValueError as e:
+        raise ConversionError(f"{base} ({type(mla).__name__}): {e}") from None
+    new.proj = ctx.convert_child(mla.proj, "proj")
+    ctx.path = base
+    return new
+
+
 def _subsample_attention(attn: nn.Module, ctx: Context) -> nn.Module:
     """Twins' ``GlobalSubSampleAttn``: queries from ``q`` on the input (a gate); keys and values from one ``kv``
     linear on the input subsampled by the strided convolution ``sr`` and its LayerNorm ``norm``. ``sr`` and
@@ -329,6 +352,9 @@ RULES: dict[type, Rule] = {
     timm_convit.GPSA: Rule(GATE, _gpsa, "gated positional attention matrix a gate (qk, pos_proj, gating_param "
                                         "kept); v, proj B-cos"),
     timm_convit.MHSA: Rule(GATE, attention, "attention matrix a gate; v, proj B-cos"),
+    timm_evit_mit.LiteMLA: Rule(GATE, _linear_attention, "ReLU linear attention: q, k (and the normaliser) a gate; "
+                                                        "v (qkv and aggregation convolutions' value channels), "
+                                                        "proj B-cos"),
     timm_vit_relpos.RelPosAttention: Rule(GATE, _relpos_attention, "attention matrix (relative position bias) a "
                                                                    "gate; v, proj B-cos"),
     timm_eva.EvaAttention: Rule(GATE, _eva_attention, "attention matrix (rotary embedding on q, k) a gate; v, "
