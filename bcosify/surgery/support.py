@@ -47,8 +47,22 @@ def _torchvision_vgg(cfg: str = "A", batch_norm: bool = False, hidden: int = 409
     return model
 
 
+def _torchvision_alexnet(hidden: int = 4096, **kwargs: Any) -> nn.Module:
+    """torchvision's ``AlexNet`` with ``hidden`` units in its classifier's two hidden layers; the builder ``alexnet``
+    fixes 4096 (57M parameters)."""
+    from torchvision.models.alexnet import AlexNet
+
+    model = AlexNet(**kwargs)
+    classifier = model.classifier  # Dropout, Linear, ReLU, Dropout, Linear, ReLU, Linear
+    for i, (n_in, n_out) in {1: (classifier[1].in_features, hidden), 4: (hidden, hidden),
+                             6: (hidden, classifier[6].out_features)}.items():
+        classifier[i] = nn.Linear(n_in, n_out)
+    return model
+
+
 #: small builders of architectures whose library builders take no size arguments (``builder:`` in the YAML)
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "torchvision_alexnet": _torchvision_alexnet,
     "torchvision_vgg": _torchvision_vgg,
     "torchvision_swin": lambda **kwargs: _torchvision_swin(False, **kwargs),
     "torchvision_swin_v2": lambda **kwargs: _torchvision_swin(True, **kwargs),
