@@ -150,6 +150,15 @@ def bcos_scale(lin: torch.Tensor, sq: torch.Tensor, b: float, eps: float, detach
     return _scaled(lin, _inv_norm(sq, eps), b, groups)
 
 
+def take_weights(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Copy ``old``'s weight (and its bias, when ``new`` keeps one) into ``new``, in ``old``'s training mode."""
+    with torch.no_grad():
+        new.weight.copy_(old.weight)
+        if new.bias is not None:
+            new.bias.copy_(old.bias)
+    return new.train(old.training)
+
+
 def _check_b(b: float) -> float:
     b = float(b)
     if not math.isfinite(b) or b < 1:
@@ -250,12 +259,7 @@ class BcosConv2d(nn.Conv2d, DetachableModule):
         new = skip_init(cls, *conv_geometry(conv), bias=keep_bias and conv.bias is not None, b=b,
                         normalize_weights=normalize_weights, same_padding=same_padding,
                         device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(conv.weight)
-            if new.bias is not None:
-                new.bias.copy_(conv.bias)
-        new.train(conv.training)
-        return new
+        return take_weights(new, conv)
 
     def set_padding(self, mode: str, value: Sequence[float] | None = None) -> None:
         """Pad with ``mode`` from now on; ``"constant"`` takes one ``value`` per input channel, kept as the frozen
@@ -359,12 +363,7 @@ class BcosLinear(nn.Linear, DetachableModule):
         new = skip_init(cls, linear.in_features, linear.out_features, bias=keep_bias and linear.bias is not None,
                         b=b, normalize_weights=normalize_weights, device=linear.weight.device,
                         dtype=linear.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(linear.weight)
-            if new.bias is not None:
-                new.bias.copy_(linear.bias)
-        new.train(linear.training)
-        return new
+        return take_weights(new, linear)
 
     def effective_weight(self) -> torch.Tensor:
         """The weight used in the forward pass (unit-norm rows when ``normalize_weights``)."""

@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from .base import DetachableModule
-from .bcos import DEFAULT_EPS, _check_b, _pad_same, bcos_scale, conv_patch_sq_norms
+from .bcos import DEFAULT_EPS, _check_b, _pad_same, bcos_scale, conv_patch_sq_norms, take_weights
 
 
 def _pair(v) -> tuple[int, int]:
@@ -57,12 +57,7 @@ class BcosCondConv2d(DetachableModule):
                         conv.dilation, conv.groups, conv.num_experts, bias=keep_bias and conv.bias is not None, b=b,
                         normalize_weights=normalize_weights, same_padding=bool(conv.dynamic_padding),
                         device=conv.weight.device, dtype=conv.weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(conv.weight)
-            if new.bias is not None:
-                new.bias.copy_(conv.bias)
-        new.train(conv.training)
-        return new
+        return take_weights(new, conv)
 
     def kernels(self, routing_weights: torch.Tensor) -> torch.Tensor:
         """The per-sample kernels ``(N * out_channels, in_channels // groups, kh, kw)`` (unit-norm rows when
