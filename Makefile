@@ -21,10 +21,10 @@ data:
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'" >&2; fi; fi
 
 test: $(STAMP) data
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q -n auto --durations=25
 
 test-fast: $(STAMP) data
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n auto -m "not slow"
 
 demo: $(STAMP) data
 	$(BIN)/bcosify demo

@@ -17,7 +17,7 @@ from helpers import randomise_dau_layers
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    bmodel = bcosify.convert("timm:efficientnet_b0", weights=None, model_kwargs={"num_classes": 4}).eval()
+    bmodel = bcosify.convert("timm:test_efficientnet", weights=None, model_kwargs={"num_classes": 4}).eval()
     return bcosify.calibrate(bmodel, torch.rand(4, 3, 32, 32), progress=False)
 
 
