@@ -62,6 +62,8 @@ _LINEAR_METHODS = {
 }
 #: functions of tensors that never carry a value (shapes, dtypes, devices)
 _META_METHODS = {"size", "dim", "numel", "ndimension", "__len__", "get_device", "is_contiguous"}
+#: methods that read only the shape, dtype or device of their second tensor (``y.expand_as(x)``)
+_SHAPE_OF_ARGUMENT_METHODS = {"expand_as", "view_as", "reshape_as", "type_as"}
 _META_FUNCTIONS = {getattr, len, torch.numel, isinstance, int, float, math.sqrt}
 _SELECTIONS = {F.relu, torch.relu, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
                F.adaptive_max_pool2d, torch.maximum, torch.amax, torch.max}
@@ -374,6 +376,7 @@ class _Walk:
         self.own, self.children, self.plain_args = own, children, plain_args
         self.gate_args_of = gate_args_of
         self.gate_arg_edges: set[tuple[fx.Node, fx.Node]] = set()  # (argument, child call): a gate-only argument
+        self.shape_edges: set[tuple[fx.Node, fx.Node]] = set()  # (argument, call): its shape or dtype only is read
         self.constant_types = constant_types
         #: children with a constant rule called with shape values only: their names stand in ``sources`` for the
         #: constants they compute (a child's name is never an own tensor's name)
@@ -395,7 +398,7 @@ class _Walk:
         seen: set[fx.Node] = set()
         stack = [n for n in graph.nodes if n.op == "output"]
         sources = set(self.gate_sources)
-        cut = set(self.gate_edges) | self.gate_arg_edges
+        cut = set(self.gate_edges) | self.gate_arg_edges | self.shape_edges
         while stack:
             node = stack.pop()
             if node in seen:
@@ -407,7 +410,12 @@ class _Walk:
 
     def visit(self, node: fx.Node) -> None:
         inputs = node.all_input_nodes
-        kinds = [self.kind(a) for a in _flat_args(node)]
+        if node.op == "call_method" and node.target in _SHAPE_OF_ARGUMENT_METHODS and node.args:
+            # ``y.expand_as(x)`` is as much a gate (or a constant) as ``y``: ``x`` lends its shape only
+            shaped = [a for a in inputs if a is not node.args[0]]
+            self.shape_edges.update((a, node) for a in shaped)
+            inputs = [a for a in inputs if a not in shaped]
+        kinds = [self.kind(a) for a in _flat_args(node) if a in inputs]
         if node.op == "placeholder":  # an input tensor; a size or flag the caller passes is a constant
             self.kinds[node] = CONST if str(node.target) in self.plain_args else VALUE
         elif node.op == "get_attr":

@@ -62,6 +62,22 @@ class SqueezeExcite(nn.Module):
         return self.fc(((x * gate) * self.gamma + self.pos).mean((2, 3)))
 
 
+class ExpandedGate(nn.Module):
+    """ECA's gate: a 1-d convolution across channels, broadcast with ``expand_as`` (which reads only the shape of
+    the value path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.mix = nn.Conv1d(1, 1, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.conv(x)
+        y = torch.sigmoid(self.mix(x.mean((2, 3)).view(x.shape[0], 1, -1))).view(x.shape[0], -1, 1, 1)
+        return self.fc((x * y.expand_as(x)).mean((2, 3)))
+
+
 class TokenAttention(nn.Module):
     """Self-attention through F.scaled_dot_product_attention: q and k are a gate, v the value path."""
 
@@ -170,9 +186,9 @@ def _verified(bmodel) -> str:
     return entry.note
 
 
-@pytest.mark.parametrize("make", [Glue, SqueezeExcite, TokenAttention, QueryBiasedAttention, lambda: GatedUnit(False), lambda: GatedUnit(True),
+@pytest.mark.parametrize("make", [Glue, SqueezeExcite, ExpandedGate, TokenAttention, QueryBiasedAttention, lambda: GatedUnit(False), lambda: GatedUnit(True),
                                   BlurredPadded, WindowsByArgument, SpaceToDepthStem],
-                         ids=["glue", "squeeze-excite", "attention", "attention-mask-from-q", "glu-module", "glu-functional",
+                         ids=["glue", "squeeze-excite", "gate-expanded-as-the-value-path", "attention", "attention-mask-from-q", "glu-module", "glu-functional",
                               "padded-blurred-resized", "plain-number-argument", "space-to-depth-stem"])
 def test_linear_glue_converts_without_a_rule_and_is_exact(make):
     torch.manual_seed(0)
