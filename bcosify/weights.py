@@ -373,6 +373,28 @@ def load_weights(
         raise CheckpointError(f"loading the weights into {type(model).__name__} failed: {error}") from error
 
 
+def upgrade_gate_branch_names(state_dict: Mapping[str, Tensor], expected: Iterable[str]) -> dict[str, Tensor]:
+    """``state_dict`` with the names of squeeze-excite branches as bcosify writes them since format 4.
+
+    Up to format 3 (bcosify 0.x before graph-read squeeze-excite) the gate branch of a squeeze-excite module was
+    wrapped, one ``module.`` deeper (``blocks.1.0.se.module.conv_reduce.weight``); since, it keeps the library's
+    own names (``blocks.1.0.se.conv_reduce.weight``). A key is renamed only when the model lacks it and expects
+    the name without one ``.module.`` that the checkpoint lacks; every other key is left for the exact check.
+    """
+    expected = set(expected)
+    upgraded = dict(state_dict)
+    for key in list(state_dict):
+        if key in expected:
+            continue
+        parts = key.split(".")
+        for i, part in enumerate(parts[1:-1], start=1):
+            candidate = ".".join(parts[:i] + parts[i + 1:])
+            if part == "module" and candidate in expected and candidate not in upgraded:
+                upgraded[candidate] = upgraded.pop(key)
+                break
+    return upgraded
+
+
 def _listing(names: Iterable[str]) -> str:
     """At most ``_MAX_LISTED`` names, then ``and N more``."""
     names = list(names)

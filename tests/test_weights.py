@@ -14,7 +14,7 @@ from torch import nn
 from bcosify.data import normalize
 from bcosify.demo import efficientnet_lite0_checkpoint_path
 from bcosify.errors import CheckpointError
-from bcosify.weights import load_weights, read_state_dict
+from bcosify.weights import load_weights, read_state_dict, upgrade_gate_branch_names
 
 
 def tiny() -> nn.Sequential:
@@ -346,3 +346,13 @@ def test_real_efficientnet_lite0_checkpoint_classifies_photos():
     predictions = dict(zip(names, top5.tolist()))
     assert predictions["chelsea"][0] in range(281, 286), predictions  # a cat
     assert {967, 968} & set(predictions["coffee"]), predictions  # espresso or cup
+
+
+def test_gate_branch_names_of_older_files_are_renamed_only_where_the_model_expects_them():
+    t = torch.zeros(1)
+    old = {"se.module.fc1.weight": t, "head.module.weight": t, "extra.module.bias": t, "a.module.b.module.c": t}
+    expected = ["se.fc1.weight", "head.module.weight", "head.weight", "a.b.module.c"]
+    upgraded = upgrade_gate_branch_names(old, expected)
+    # renamed: se (expected without .module.); head kept (expected as is); extra left for the exact check to name
+    assert sorted(upgraded) == ["a.b.module.c", "extra.module.bias", "head.module.weight", "se.fc1.weight"]
+    assert upgrade_gate_branch_names({"x.module.w": t, "x.w": t}, ["x.w"]) == {"x.module.w": t, "x.w": t}

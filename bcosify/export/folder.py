@@ -19,16 +19,19 @@ from ..config import BcosConfig
 from ..errors import CheckpointError
 from ..model import BcosModel
 from ..utils import atomic_write
-from ..weights import build_model, load_weights, read_state_dict
+from ..weights import build_model, load_weights, read_state_dict, upgrade_gate_branch_names
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 #: 3: the config may hold options format-2 readers do not know (unit, rank, squash, temperature, padding_mode,
-#: padding_value,
-#: padding_layers), so they say "newer bcosify" instead of "invalid config"; format 2 reads as is (defaults)
-FORMAT_VERSION = 3
-_REQUIRED_KEYS = {1: ("source", "options", "in_chans", "num_classes", "logit_bias"), 2: ("config",), 3: ("config",)}
+#: padding_value, padding_layers), so they say "newer bcosify" instead of "invalid config"; format 2 reads as is
+#: (defaults).
+#: 4: squeeze-excite branches keep their library's names (read from their forwards, no wrapper): older weights are
+#: renamed on loading (:func:`bcosify.weights.upgrade_gate_branch_names`)
+FORMAT_VERSION = 4
+_REQUIRED_KEYS = {1: ("source", "options", "in_chans", "num_classes", "logit_bias"), 2: ("config",), 3: ("config",),
+                  4: ("config",)}
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -102,7 +105,8 @@ def save(model: BcosModel, folder: str | os.PathLike, *, class_names: Sequence[s
 
 
 def read_config(folder: str | os.PathLike) -> dict[str, Any]:
-    """The checked ``config.json`` of a saved model folder, in the current format (older formats are upgraded).
+    """The checked ``config.json`` of a saved model folder, in the current layout (format 1's is upgraded;
+    ``format_version`` stays the folder's, which :func:`load` needs to read its weights).
 
     Keys: ``format_version``, ``bcosify_version``, ``config`` (a :class:`BcosConfig` as a dict),
     ``weights_sha256``, ``report``.
@@ -145,7 +149,7 @@ def _upgrade_v1(saved: dict[str, Any]) -> dict[str, Any]:
               "logit_bias": saved["logit_bias"], "class_names": saved.get("class_names"),
               "spec": source.get("spec"), "model_kwargs": source.get("model_kwargs") or {},
               "model_class": source.get("class"), "normalization_from": source.get("normalisation_from")}
-    return {"format_version": FORMAT_VERSION, "bcosify_version": saved.get("bcosify_version"), "config": config,
+    return {"format_version": 2, "bcosify_version": saved.get("bcosify_version"), "config": config,
             "weights_sha256": saved.get("weights_sha256"), "report": saved.get("report")}
 
 
@@ -174,6 +178,8 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None) -> BcosModel
         model = build_model(config.spec, weights=None, model_kwargs=config.model_kwargs)
     bmodel = convert(model, config)
     state = read_state_dict(folder / WEIGHTS_FILE)
+    if saved["format_version"] < 4:
+        state = upgrade_gate_branch_names(state, bmodel.state_dict())
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) == 1:
         bmodel.to(dtypes.pop())  # a model saved in float64 (or bfloat16) loads in that precision

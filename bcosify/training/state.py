@@ -14,7 +14,7 @@ import torch
 
 from ..errors import BcosifyError
 from ..model import BcosModel
-from ..weights import load_weights
+from ..weights import load_weights, upgrade_gate_branch_names
 
 CHECKPOINT_FORMAT = 2  # 2: generator states of every process
 
@@ -109,6 +109,7 @@ def restore_checkpoint(checkpoint: tuple[pathlib.Path, dict, dict[str, torch.Ten
     path, meta, tensors = checkpoint
     meta = dict(meta)
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    weights = upgrade_gate_branch_names(weights, model.state_dict())  # (a checkpoint of an older bcosify)
     _check_same_model(path, model, weights)
     load_weights(model, weights)
     opt_plain = meta["optimizer"]

@@ -60,7 +60,7 @@ def test_saved_folder_layout_and_config(saved):
     bmodel, folder = saved
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((folder / "config.json").read_text())
-    assert config["format_version"] == 3 and config["bcosify_version"] == bcosify.__version__
+    assert config["format_version"] == 4 and config["bcosify_version"] == bcosify.__version__
     saved_config = config["config"]
     assert saved_config["spec"] == "timm:resnet18" and saved_config["model_kwargs"] == {"num_classes": 5}
     assert saved_config["b"] == 1.75 and saved_config["mean"] == list(bmodel.config.mean)
@@ -190,6 +190,50 @@ def test_format_1_folders_still_load(saved, tmp_path):
     x = images()
     with torch.no_grad():
         assert torch.equal(loaded(x), bmodel(x))
+
+
+def _efficientnet_se_gate(se, x):  # what bcosify's rule for timm's SqueezeExcite computed up to format 3
+    return se.gate(se.conv_expand(se.act1(se.conv_reduce(x.mean((2, 3), keepdim=True)))))
+
+
+def _se_module_gate(se, x):  # ... and for timm's SEModule
+    return se.gate(se.fc2(se.act(se.bn(se.fc1(x.mean((2, 3), keepdim=True))))))
+
+
+@pytest.mark.parametrize("spec, kwargs, se_type, gate_fn, first_se", [
+    ("timm:test_efficientnet", {"num_classes": 3, "channel_multiplier": 0.5},
+     timm.models._efficientnet_blocks.SqueezeExcite, _efficientnet_se_gate, "blocks.3.0.se"),
+    ("timm:seresnet18", {"num_classes": 3}, timm.layers.SEModule, _se_module_gate, "layer1.0.se"),
+])
+def test_format_3_squeeze_excite_weights_load_under_their_new_names(tmp_path, spec, kwargs, se_type, gate_fn,
+                                                                    first_se):
+    """Up to format 3 a squeeze-excite module was replaced by a DetachedGate around it (its weights one
+    ``module.`` deeper); now its forward is read and it keeps its names. A folder of that time loads."""
+    from bcosify.nn import DetachedGate
+
+    torch.manual_seed(0)
+    old_rule = Rule("gate", lambda se, ctx: DetachedGate(se, gate_fn))
+    old = bcosify.convert(spec, weights=None, model_kwargs=kwargs, rules={se_type: old_rule}).eval()
+    new_names = bcosify.convert(spec, weights=None, model_kwargs=kwargs).state_dict()
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    bcosify.save(old, tmp_path / "old")
+    written = load_file(str(tmp_path / "old" / "model.safetensors"))
+    assert f"network.{first_se}.module.{'conv_reduce' if 'efficientnet' in spec else 'fc1'}.weight" in written
+    renamed = [k for k in written if k not in new_names]
+    assert renamed and all(".se.module." in k for k in renamed)
+    with pytest.raises(CheckpointError, match="missing key"):  # as format 4 the names would not fit
+        _edit_config(tmp_path / "old", format_version=4)
+        bcosify.load(tmp_path / "old")
+    _edit_config(tmp_path / "old", format_version=3)
+    loaded = bcosify.load(tmp_path / "old")
+    assert not any(isinstance(m, DetachedGate) for m in loaded.modules())
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), old(x), rtol=0, atol=0)
+    e_old, e_new = bcosify.explain(old, x), bcosify.explain(loaded, x)  # the gates detached as before
+    torch.testing.assert_close(e_new.weights, e_old.weights, rtol=1e-5, atol=1e-7)
 
 
 def test_unknown_source_spec(saved, tmp_path):

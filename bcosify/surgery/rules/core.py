@@ -11,7 +11,7 @@ from torch import nn
 
 from ...errors import ConversionError
 from ...nn import (BcosConv2d, BcosLinear, DauConv2d, DauLinear, DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d,
-                   DetachedGate, ExplanationDetach, GatedActivation, GatePath, SelfAttention, SplitQKV,
+                   ExplanationDetach, GatedActivation, GatePath, SelfAttention, SplitQKV,
                    UncenteredBatchNorm1d, UncenteredBatchNorm2d, gated, gelu_gate, gelu_tanh_gate, hardswish_gate,
                    relu6_gate)
 from ...nn.head import ClassifierBeforePooling, MeanPatchTokens
@@ -130,10 +130,6 @@ def gelu(act: nn.GELU, ctx: Context) -> nn.Module:
     if act.approximate == "tanh":
         return gated(act, gelu_tanh_gate, "gelu_tanh")
     return gated(act, gelu_gate, "gelu")
-
-
-def se_gate(gate_fn) -> Builder:
-    return lambda module, ctx: DetachedGate(module, gate_fn)
 
 
 #: children of an attention module on the value path (converted); every other child is on the gate path

@@ -33,7 +33,7 @@ from ..report import GATED, REPLACED
 from .base import CONSTANT_OUTPUT, DESCEND, GATE, KEEP, REFUSE, REPLACE, Rule
 from .base import Context
 from .core import (FIRST_LAYER_TYPES, LINEAR_TYPES, PLAIN_CONVS, attention, bcos_conv, bcos_conv_same, bcos_linear,
-                   gate, groupnorm, layernorm, layernorm2d, norm_act, ratio_gate, se_gate)
+                   gate, groupnorm, layernorm, layernorm2d, norm_act, ratio_gate)
 
 LINEAR_TYPES.add(timm.layers.Linear)
 FIRST_LAYER_TYPES.add(timm.layers.Conv2dSame)
@@ -271,18 +271,6 @@ def _subsample_attention(attn: nn.Module, ctx: Context) -> nn.Module:
     return attn
 
 
-def _efficientnet_se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    x_se = se.conv_expand(se.act1(se.conv_reduce(x.mean((2, 3), keepdim=True))))
-    return se.gate(x_se)
-
-
-def _se_module_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    x_se = x.mean((2, 3), keepdim=True)
-    if se.add_maxpool:
-        x_se = 0.5 * x_se + 0.5 * x.amax((2, 3), keepdim=True)
-    return se.gate(se.fc2(se.act(se.bn(se.fc1(x_se)))))
-
-
 _CONTAINERS = (
     timm.models.resnet.ResNet, timm.models.resnet.BasicBlock, timm.models.resnet.Bottleneck,
     timm.models.vgg.VGG, timm.models.vgg.ConvMlp,
@@ -393,7 +381,6 @@ RULES: dict[type, Rule] = {
     timm_act.HardSwish: Rule(REPLACE, gate(hardswish_gate, "hardswish")),
     timm_act.Tanh: Rule(REPLACE, ratio_gate),
     timm_act.Mish: Rule(REPLACE, ratio_gate),
-    # squeeze-excite: the gate branch stays as it is and is detached in explanation mode
-    timm_eff_blocks.SqueezeExcite: Rule(GATE, se_gate(_efficientnet_se_gate)),
-    timm.layers.SEModule: Rule(GATE, se_gate(_se_module_gate)),
+    # (squeeze-excite modules have no rule: their forwards are read, the gate branch kept as it is and detached in
+    # explanation mode)
 }

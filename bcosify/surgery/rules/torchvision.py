@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torchvision.models as tvm
 import torchvision.models.convnext as tv_convnext
 import torchvision.models.densenet as tv_densenet
@@ -23,7 +22,7 @@ from ...errors import ConversionError
 from ...nn import ShiftedWindowAttention, SplitQKV
 from ..report import REPLACED
 from .base import DESCEND, GATE, KEEP, REPLACE, Context, Rule
-from .core import INPUT_TRANSFORMS, LINEAR_TYPES, bcos_linear, layernorm2d, se_gate
+from .core import INPUT_TRANSFORMS, LINEAR_TYPES, bcos_linear, layernorm2d
 
 
 # GoogLeNet and Inception v3 built for torchvision's weights re-normalize their ImageNet-normalized input to
@@ -60,10 +59,6 @@ def _shifted_window_attention(attn: nn.Module, ctx: Context) -> ShiftedWindowAtt
                                   dropout=attn.dropout, **position).train(attn.training)
 
 
-def _se_gate(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return se._scale(x)
-
-
 _CONTAINERS = (
     tv_resnet.ResNet, tv_resnet.BasicBlock, tv_resnet.Bottleneck, tvm.VGG,
     tv_densenet.DenseNet, tv_densenet._DenseBlock, tv_densenet._DenseLayer, tv_densenet._Transition,
@@ -94,6 +89,5 @@ RULES: dict[type, Rule] = {
     tv_swin.ShiftedWindowAttentionV2: Rule(GATE, _shifted_window_attention, "cosine attention (continuous "
                                                                             "position bias) a gate; v, proj B-cos"),
     tv_convnext.LayerNorm2d: Rule(REPLACE, layernorm2d, "std detached in explanation mode"),
-    # squeeze-excite: the gate branch stays as it is and is detached in explanation mode
-    tv_misc.SqueezeExcitation: Rule(GATE, se_gate(_se_gate)),
+    # (squeeze-excitation has no rule: its forward is read, the gate branch kept and detached in explanation mode)
 }
