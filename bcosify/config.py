@@ -51,6 +51,26 @@ class Options:
         """The options as JSON-serialisable values (tuples become lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
+    def check_json(self) -> None:
+        """Raise ``ValueError`` naming the first option JSON cannot hold so that :meth:`from_dict` gets it back
+        (a dict key that is not a string, which JSON turns into one; an object JSON cannot write)."""
+        def check(value: Any, where: str) -> None:
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if not isinstance(key, str):
+                        raise ValueError(f"{where} has the key {key!r}, which JSON would turn into the string "
+                                         f"{str(key)!r}: a config that cannot be written as it is")
+                    check(item, f"{where}[{key!r}]")
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    check(item, f"{where}[{i}]")
+            elif value is not None and not isinstance(value, (str, int, float, bool)):
+                raise ValueError(f"{where} is a {type(value).__name__}, which JSON cannot hold: a config that "
+                                 "cannot be written as it is")
+
+        for name, value in self.to_dict().items():
+            check(value, name)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         """The config from :meth:`to_dict`'s output (unknown names raise ``ValueError``)."""

@@ -202,3 +202,11 @@ def test_conversion_of_a_dau_model_is_reproducible_and_verified():
     assert "DAU at init" in note and "FAILED" not in note
     layers = [m for m in a.modules() if hasattr(m, "weight_a")]
     assert not torch.equal(layers[1].weight_a, layers[2].weight_a), "each layer needs its own projection"
+
+
+def test_check_json_names_what_json_cannot_hold_exactly():
+    BcosConfig(model_kwargs={"depths": (1, 2), "window": {"3": 1}}).check_json()  # tuples become lists: kept
+    with pytest.raises(ValueError, match=r"model_kwargs\['window'\] has the key 3"):
+        BcosConfig(model_kwargs={"window": {3: 1}}).check_json()
+    with pytest.raises(ValueError, match=r"model_kwargs\['act_layer'\] is a type"):
+        BcosConfig(model_kwargs={"act_layer": torch.nn.GELU}).check_json()

@@ -92,7 +92,14 @@ def save(model: BcosModel, folder: str | os.PathLike, *, class_names: Sequence[s
     if class_names is not None:
         if len(class_names) != model.num_classes:
             raise ValueError(f"{len(class_names)} class names for {model.num_classes} classes")
-        model.config.class_names = tuple(str(c) for c in class_names)
+    named = model.config if class_names is None else \
+        model.config.replace(class_names=tuple(str(c) for c in class_names))
+    try:  # before anything is written
+        named.check_json()
+    except ValueError as e:
+        raise ValueError(f"cannot save: {e} (load would not rebuild the model; pass constructor arguments JSON "
+                         "keeps, e.g. string keys, or convert an instance and load it with its skeleton)") from None
+    model.config.class_names = named.class_names
     folder = pathlib.Path(folder)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {"format": "pt", "bcosify_format_version": str(FORMAT_VERSION)}

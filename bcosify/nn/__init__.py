@@ -5,6 +5,7 @@ from .attention import (GateLinear, GatePath, LinearAttention, MultiScaleProject
                         ShiftedWindowAttention, SplitQKV, SplitQKVConv)
 from .base import DetachableModule, set_explanation_mode
 from .condconv import BcosCondConv2d
+from .conv1d import Conv1dAs2d
 from .bcos import BcosConv2d, BcosLinear, bcos_scale, conv_patch_sq_norms
 from .dau import DauConv2d, DauLinear
 from .encoding import InputEncoder, check_images, fold_input_normalization, resolve_normalization
@@ -14,7 +15,7 @@ from .norm import (DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm
                    UncenteredBatchNorm1d, UncenteredBatchNorm2d, sync_batchnorm)
 
 __all__ = [
-    "BcosCondConv2d", "BcosConv2d", "BcosLinear", "ClassifierBeforePooling", "DauConv2d", "DauLinear", "DetachableGroupNorm", "DetachableLayerNorm",
+    "BcosCondConv2d", "BcosConv2d", "BcosLinear", "ClassifierBeforePooling", "Conv1dAs2d", "DauConv2d", "DauLinear", "DetachableGroupNorm", "DetachableLayerNorm",
     "DetachableLayerNorm2d", "DetachableModule", "DetachedGate", "ExplanationDetach", "GateLinear", "GatePath",
     "GatedActivation", "InputEncoder", "LinearAttention", "LogitBias", "MeanPatchTokens", "MultiScaleProjection",
     "SelfAttention", "ShiftedWindowAttention", "SplitQKV", "SplitQKVConv", "SyncUncenteredBatchNorm2d",

@@ -526,3 +526,23 @@ def test_edgenext_positional_encoding_called_with_a_shape_is_a_constant_explaine
     expected = (outputs[0] * grad).sum().detach()
     assert expected.abs() > 1e-3 * logit.abs()  # no rounding
     torch.testing.assert_close(e.constant_contribution[0], expected, rtol=1e-10, atol=0)
+
+
+def test_coat_save_load_round_trip(tmp_path):
+    """CoaT: the relative position encoding shared by a stage's blocks, the class tokens as constants, the
+    class-token aggregation (an ``nn.Conv1d``) converted; after a save and load, the same logits."""
+    kwargs = dict(img_size=32, embed_dims=[16, 16, 16, 16], serial_depths=[2, 1, 1, 1], parallel_depth=1,
+                  num_heads=8, mlp_ratios=[1, 1, 1, 1])  # (the default windows: 3, 5, 7 for 2, 3, 3 heads)
+    bmodel = bcosify.convert("timm:coat_tiny", weights=None, model_kwargs=kwargs)
+    network = bmodel.network
+    assert network.serial_blocks1[0].factoratt_crpe.crpe is network.serial_blocks1[1].factoratt_crpe.crpe
+    assert type(network.crpe1.conv_list[0]).__name__ == "BcosConv2d"
+    assert type(network.aggregate).__name__ == "Conv1dAs2d"
+    loaded = _round_trip(bmodel, tmp_path / "coat")
+    assert loaded.constants == bmodel.constants and "cls_token1" in bmodel.constants
+    # windows given as {window: heads}: JSON would write the keys as strings, and timm cannot build from those
+    windowed = bcosify.convert("timm:coat_tiny", weights=None, model_kwargs={**kwargs, "num_heads": 2,
+                                                                             "crpe_window": {3: 1, 5: 1}})
+    with pytest.raises(ValueError, match=r"cannot save: model_kwargs\['crpe_window'\] has the key 3"):
+        bcosify.save(windowed, tmp_path / "windowed")
+    assert not (tmp_path / "windowed").exists()

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ...errors import ConversionError
-from ...nn import (BcosConv2d, BcosLinear, DauConv2d, DauLinear, DetachableGroupNorm, DetachableLayerNorm, DetachableLayerNorm2d,
-                   ExplanationDetach, GatedActivation, GatePath, SelfAttention, SplitQKV,
+from ...nn import (BcosConv2d, BcosLinear, Conv1dAs2d, DauConv2d, DauLinear, DetachableGroupNorm, DetachableLayerNorm,
+                   DetachableLayerNorm2d, ExplanationDetach, GatedActivation, GatePath, SelfAttention, SplitQKV,
                    UncenteredBatchNorm1d, UncenteredBatchNorm2d, gated, gelu_gate, gelu_tanh_gate, hardswish_gate,
                    relu6_gate)
 from ...nn.head import ClassifierBeforePooling, MeanPatchTokens
@@ -49,6 +49,15 @@ def bcos_conv(conv: nn.Conv2d, ctx: Context, same_padding: bool = False) -> Bcos
                                       same_padding=same_padding)
     except ValueError as e:
         raise ConversionError(f"{ctx.path} ({type(conv).__name__}): {e}") from None
+
+
+def conv1d(conv: nn.Conv1d, ctx: Context) -> Conv1dAs2d:
+    """A 1-d convolution as the alignment convolution of its ``1 x k`` 2-d form."""
+    try:
+        as_2d = Conv1dAs2d.conv2d_of(conv)
+    except ValueError as e:
+        raise ConversionError(f"{ctx.path} ({type(conv).__name__}): {e}") from None
+    return Conv1dAs2d(bcos_conv(as_2d, ctx))
 
 
 def bcos_conv_same(conv: nn.Conv2d, ctx: Context) -> BcosConv2d | DauConv2d:
@@ -136,9 +145,10 @@ def gelu(act: nn.GELU, ctx: Context) -> nn.Module:
 _ATTENTION_VALUE_CHILDREN = ("proj", "norm", "attn_drop", "proj_drop")
 
 
-def attention(attn: nn.Module, ctx: Context) -> nn.Module:
-    """timm ``Attention`` / Swin ``WindowAttention``: ``qkv`` split (q, k a gate; v B-cos), ``proj`` converted,
-    every other child (q/k norms, softmax, output gate) kept on the gate path."""
+def attention(attn: nn.Module, ctx: Context,
+              value_children: tuple[str, ...] = _ATTENTION_VALUE_CHILDREN) -> nn.Module:
+    """timm ``Attention`` / Swin ``WindowAttention``: ``qkv`` split (q, k a gate; v B-cos), ``proj`` (every one
+    of ``value_children``) converted, every other child (q/k norms, softmax, output gate) kept on the gate path."""
     base, convert_child = ctx.path, ctx.convert_child  # (nested conversions move ctx on)
     for name, child in list(attn.named_children()):
         path = f"{base}.{name}"
@@ -147,7 +157,7 @@ def attention(attn: nn.Module, ctx: Context) -> nn.Module:
                 raise ConversionError(f"{path}: expected a Linear qkv projection, got {type(child).__name__}")
             new = SplitQKV.from_weights(child.weight, child.bias, lambda v: bcos_linear(v, ctx))
             ctx.report.add(path, child, REPLACED, new, "q, k kept (gate, detached in explanation mode); v B-cos")
-        elif name in _ATTENTION_VALUE_CHILDREN:
+        elif name in value_children:
             new = convert_child(child, name)
         else:
             new = GatePath(child)
@@ -179,6 +189,7 @@ RULES: dict[type, Rule] = {
     ExplanationDetach: Rule(KEEP, note="gate, detached in explanation mode (read from the graph)"),
     # convolutions and linear layers on the value path
     nn.Conv2d: Rule(REPLACE, bcos_conv),
+    nn.Conv1d: Rule(REPLACE, conv1d, "as a 1 x k 2-d alignment convolution"),
     nn.Linear: Rule(REPLACE, bcos_linear),
     nn.modules.linear.NonDynamicallyQuantizableLinear: Rule(REPLACE, bcos_linear),
     nn.ConvTranspose2d: Rule(REPLACE, unbiased, "kept linear (no B-cos form), bias removed"),

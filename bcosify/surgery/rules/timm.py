@@ -7,6 +7,7 @@ import timm.layers.activations as timm_act
 import timm.models
 import timm.models._efficientnet_blocks as timm_eff_blocks
 import timm.models.beit as timm_beit
+import timm.models.coat as timm_coat
 import timm.models.convit as timm_convit
 import timm.models.deit as timm_deit
 import timm.models.edgenext as timm_edgenext
@@ -271,6 +272,9 @@ def _subsample_attention(attn: nn.Module, ctx: Context) -> nn.Module:
     return attn
 
 
+#: CoaT's attention: the children on the value path (its shared relative position encoding convolves v)
+_COAT_VALUE_CHILDREN = ("proj", "attn_drop", "proj_drop", "crpe")
+
 _CONTAINERS = (
     timm.models.resnet.ResNet, timm.models.resnet.BasicBlock, timm.models.resnet.Bottleneck,
     timm.models.vgg.VGG, timm.models.vgg.ConvMlp,
@@ -345,6 +349,13 @@ RULES: dict[type, Rule] = {
                                                         "proj B-cos"),
     timm_vit_relpos.RelPosAttention: Rule(GATE, _relpos_attention, "attention matrix (relative position bias) a "
                                                                    "gate; v, proj B-cos"),
+    # CoaT's factorized attention: q @ (softmax(k)^T v), plus q * (depthwise convolutions of v): q and softmax(k)
+    # a gate (as in attention, detached in explanation mode), linear in v
+    timm_coat.FactorAttnConvRelPosEnc: Rule(GATE, lambda attn, ctx: attention(attn, ctx, _COAT_VALUE_CHILDREN),
+                                            "q and softmax(k) a gate; v, proj and the position encoding's "
+                                            "convolutions of v B-cos"),
+    timm_coat.ConvRelPosEnc: Rule(DESCEND, note="q (a gate: the split qkv's, detached in explanation mode) times "
+                                                "depthwise convolutions of v (read by hand)"),
     timm_eva.EvaAttention: Rule(GATE, _eva_attention, "attention matrix (rotary embedding on q, k) a gate; v, "
                                                        "proj B-cos", gate_args=("rope",)),
     timm.layers.AttentionRope: Rule(GATE, _eva_attention, "attention matrix (rotary embedding on q, k) a gate; v, "
