@@ -60,6 +60,31 @@ def _torchvision_alexnet(hidden: int = 4096, **kwargs: Any) -> nn.Module:
     return model
 
 
+def _timm_class(model: nn.Module, name: str) -> nn.Module:
+    """``model`` (a timm class built directly) with the pretrained config (normalization, input size) of the
+    registered model ``name``."""
+    import timm.models
+
+    model.pretrained_cfg = timm.models.get_pretrained_cfg(name).to_dict()
+    return model
+
+
+def _timm_gmlp(**kwargs: Any) -> nn.Module:
+    """timm's gMLP (``MlpMixer`` with spatial gating blocks) of any size; its builders (``gmlp_ti16_224``, ...) fix
+    the patch size, depth and width."""
+    from timm.layers import GatedMlp
+    from timm.models.mlp_mixer import MlpMixer, SpatialGatingBlock
+
+    return _timm_class(MlpMixer(block_layer=SpatialGatingBlock, mlp_layer=GatedMlp, **kwargs), "gmlp_ti16_224")
+
+
+def _timm_focalnet(**kwargs: Any) -> nn.Module:
+    """timm's ``FocalNet`` of any size; its builders (``focalnet_tiny_srf``, ...) fix the depths and width."""
+    from timm.models.focalnet import FocalNet
+
+    return _timm_class(FocalNet(**kwargs), "focalnet_tiny_srf")
+
+
 #: small builders of architectures whose library builders take no size arguments (``builder:`` in the YAML)
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "torchvision_alexnet": _torchvision_alexnet,
@@ -67,6 +92,8 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "torchvision_swin": lambda **kwargs: _torchvision_swin(False, **kwargs),
     "torchvision_swin_v2": lambda **kwargs: _torchvision_swin(True, **kwargs),
     "torchvision_maxvit": _torchvision_maxvit,
+    "timm_gmlp": _timm_gmlp,
+    "timm_focalnet": _timm_focalnet,
 }
 
 

@@ -13,7 +13,9 @@ import timm.models.deit as timm_deit
 import timm.models.edgenext as timm_edgenext
 import timm.models.efficientvit_mit as timm_evit_mit
 import timm.models.eva as timm_eva
+import timm.models.focalnet as timm_focalnet
 import timm.models.metaformer as timm_metaformer
+import timm.models.mlp_mixer as timm_mlp_mixer
 import timm.models.swin_transformer as timm_swin
 import timm.models.swin_transformer_v2 as timm_swin_v2
 import timm.models.twins as timm_twins
@@ -272,6 +274,46 @@ def _subsample_attention(attn: nn.Module, ctx: Context) -> nn.Module:
     return attn
 
 
+def _spatial_gating_unit(sgu: nn.Module, ctx: Context) -> nn.Module:
+    """gMLP's spatial gating ``u * proj(norm(v))^T``: the token-mixing branch (norm, proj; the half ``v`` of the
+    input) a gate, kept and detached in explanation mode, as attention is; ``u`` on the value path."""
+    children = dict(sgu.named_children())
+    if set(children) != {"norm", "proj"}:
+        raise ConversionError(f"{ctx.path} ({type(sgu).__name__}): children {sorted(children)}, expected norm and "
+                              "proj")
+    for name, child in children.items():
+        new = GatePath(child)
+        ctx.report.add(f"{ctx.path}.{name}", child, GATED, new, "spatial gating branch (a gate), kept")
+        setattr(sgu, name, new)
+    return sgu
+
+
+def _focal_modulation(mod: nn.Module, ctx: Context) -> nn.Module:
+    """FocalNet's ``q * h(ctx_all)``: the modulator (the context channels and gates of ``f``, the focal
+    convolutions, their aggregation and ``h``) a gate, kept and detached in explanation mode, as attention is;
+    ``q`` (the first ``dim`` channels of ``f``), the post-norm and ``proj`` on the value path."""
+    base, convert_child = ctx.path, ctx.convert_child
+    for name, child in list(mod.named_children()):
+        path = f"{base}.{name}"
+        if name == "f":
+            if type(child) is not nn.Conv2d or child.kernel_size != (1, 1) or child.groups != 1:
+                raise ConversionError(f"{path}: expected a 1x1 Conv2d without groups, got {child}")
+            value = torch.arange(child.out_channels, device=child.weight.device) < mod.dim
+            new = SplitQKVConv.from_conv(child, value, lambda conv: bcos_conv(conv, ctx))
+            ctx.report.add(path, child, REPLACED, new, "q B-cos; context and gate channels kept (a gate)")
+        elif name in ("norm", "proj", "proj_drop"):
+            new = convert_child(child, name)
+        elif name in ("h", "act", "focal_layers"):
+            # (the forward iterates over the focal layers: each one wrapped)
+            new = nn.ModuleList(map(GatePath, child)) if name == "focal_layers" else GatePath(child)
+            ctx.report.add(path, child, GATED, new, "modulator (a gate), kept")
+        else:
+            raise ConversionError(f"{path} ({type(child).__name__}): a child of {type(mod).__name__} this rule does "
+                                  "not know")
+        setattr(mod, name, new)
+    return mod
+
+
 #: CoaT's attention: the children on the value path (its shared relative position encoding convolves v)
 _COAT_VALUE_CHILDREN = ("proj", "attn_drop", "proj_drop", "crpe")
 
@@ -356,6 +398,10 @@ RULES: dict[type, Rule] = {
                                             "convolutions of v B-cos"),
     timm_coat.ConvRelPosEnc: Rule(DESCEND, note="q (a gate: the split qkv's, detached in explanation mode) times "
                                                 "depthwise convolutions of v (read by hand)"),
+    # one factor of a product a gate, as the attention matrix is: gMLP's spatial gating, FocalNet's modulator
+    timm_mlp_mixer.SpatialGatingUnit: Rule(GATE, _spatial_gating_unit, "u * proj(norm(v)): the v branch a gate"),
+    timm_focalnet.FocalModulation: Rule(GATE, _focal_modulation, "q * modulator: the modulator a gate; q, proj "
+                                                                 "B-cos"),
     timm_eva.EvaAttention: Rule(GATE, _eva_attention, "attention matrix (rotary embedding on q, k) a gate; v, "
                                                        "proj B-cos", gate_args=("rope",)),
     timm.layers.AttentionRope: Rule(GATE, _eva_attention, "attention matrix (rotary embedding on q, k) a gate; v, "
