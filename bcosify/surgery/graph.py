@@ -85,7 +85,8 @@ _GATE_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softmax, nn.Softmax2d, nn.Tanh)
 #: elementwise activations with f(0) = 0: on the value path they become gated activations
 _ACTIVATIONS = {F.gelu: "gelu", F.silu: "silu", F.hardswish: "hardswish", F.mish: "mish", F.relu6: "relu6",
                 F.leaky_relu: "leaky_relu", F.elu: "elu", F.selu: "selu", F.celu: "celu", torch.tanh: "tanh",
-                F.tanh: "tanh", F.softsign: "softsign", F.hardtanh: "hardtanh"}
+                F.tanh: "tanh", F.softsign: "softsign", F.hardtanh: "hardtanh",
+                F.normalize: "normalize"}
 _ACTIVATION_METHODS = {"tanh": "tanh"}
 
 
@@ -636,6 +637,14 @@ class _Functional(nn.Module):
         return self.name
 
 
+def _normalize_gate(args: tuple, kwargs: dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``F.normalize(x, ...)`` is ``x * g(x)`` with ``g = 1 / max(||x||_p, eps)`` along ``dim`` (one factor per
+    vector, zeros included): the gate of its gated form."""
+    bound = inspect.signature(F.normalize).bind(None, *args, **kwargs).arguments
+    p, dim, eps = bound.get("p", 2.0), bound.get("dim", 1), bound.get("eps", 1e-12)
+    return lambda x: 1 / x.norm(p, dim, keepdim=True).clamp_min(eps)
+
+
 def _keep_argument_names(module: nn.Module, graph: fx.Graph) -> None:
     """Give the graph's inputs the names of the forward's arguments (tracing renames one that clashes with a name
     in the forward), so that the rewritten forward takes the same keyword arguments."""
@@ -676,7 +685,8 @@ def rewrite(module: nn.Module, reading: Reading) -> nn.Module:
         if any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())):
             raise ValueError(f"{_name(node)} at {_where(node)}: activation arguments computed in the forward")
         act = _Functional(fn, tuple(node.args[1:]), dict(node.kwargs), label)
-        new_modules[name] = GatedActivation(act, ratio_gate(act), label)
+        gate = _normalize_gate(node.args[1:], node.kwargs) if fn is F.normalize else ratio_gate(act)
+        new_modules[name] = GatedActivation(act, gate, label)
         with graph.inserting_after(node):
             gated = graph.call_module(name, (node.args[0],))
         node.replace_all_uses_with(gated)

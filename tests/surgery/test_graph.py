@@ -78,6 +78,18 @@ class ExpandedGate(nn.Module):
         return self.fc((x * y.expand_as(x)).mean((2, 3)))
 
 
+class Normalized(nn.Module):
+    """``F.normalize`` on the value path: ``x * (1 / ||x||)``, the norm a gate (SwiftFormer's queries)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(F.normalize(self.conv(x), dim=1).mean((2, 3)))
+
+
 class TokenAttention(nn.Module):
     """Self-attention through F.scaled_dot_product_attention: q and k are a gate, v the value path."""
 
@@ -186,9 +198,9 @@ def _verified(bmodel) -> str:
     return entry.note
 
 
-@pytest.mark.parametrize("make", [Glue, SqueezeExcite, ExpandedGate, TokenAttention, QueryBiasedAttention, lambda: GatedUnit(False), lambda: GatedUnit(True),
+@pytest.mark.parametrize("make", [Glue, SqueezeExcite, ExpandedGate, Normalized, TokenAttention, QueryBiasedAttention, lambda: GatedUnit(False), lambda: GatedUnit(True),
                                   BlurredPadded, WindowsByArgument, SpaceToDepthStem],
-                         ids=["glue", "squeeze-excite", "gate-expanded-as-the-value-path", "attention", "attention-mask-from-q", "glu-module", "glu-functional",
+                         ids=["glue", "squeeze-excite", "gate-expanded-as-the-value-path", "normalized", "attention", "attention-mask-from-q", "glu-module", "glu-functional",
                               "padded-blurred-resized", "plain-number-argument", "space-to-depth-stem"])
 def test_linear_glue_converts_without_a_rule_and_is_exact(make):
     torch.manual_seed(0)
