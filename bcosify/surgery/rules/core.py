@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -145,25 +145,57 @@ def gelu(act: nn.GELU, ctx: Context) -> nn.Module:
 _ATTENTION_VALUE_CHILDREN = ("proj", "norm", "attn_drop", "proj_drop")
 
 
+def route_children(module: nn.Module, ctx: Context, *, value: Iterable[str] = (),
+                   gate: Mapping[str, str] | None = None,
+                   build: Mapping[str, Callable[[nn.Module, str], nn.Module]] | None = None,
+                   other_gate_note: str | None = None) -> nn.Module:
+    """Replace ``module``'s children in place, by name: ``build[name](child, path)`` makes (and reports) one
+    child's replacement; the ``value`` children are converted; the ``gate`` ones (name -> report note) are kept
+    on the gate path in a :class:`GatePath` (detached in explanation mode). Every other child is kept on the gate
+    path too when ``other_gate_note`` is given, else refused by name. Returns ``module``."""
+    base, convert_child = ctx.path, ctx.convert_child  # (nested conversions move ctx on)
+    gate, build = gate or {}, build or {}
+    for name, child in list(module.named_children()):
+        path = f"{base}.{name}"
+        if name in build:
+            new = build[name](child, path)
+        elif name in value:
+            new = convert_child(child, name)
+        elif name in gate or other_gate_note is not None:
+            new = GatePath(child)
+            ctx.report.add(path, child, GATED, new, gate.get(name, other_gate_note))
+        else:
+            raise ConversionError(f"{path} ({type(child).__name__}): a child of {type(module).__name__} this rule "
+                                  "does not know")
+        setattr(module, name, new)
+    return module
+
+
+def split_qkv(ctx: Context, parts: int = 3) -> Callable[[nn.Module, str], nn.Module]:
+    """A :func:`route_children` builder for a fused ``qkv`` (``parts=2``: ``kv``) linear: q, k a gate, v B-cos."""
+    kind = "qkv" if parts == 3 else "kv"
+
+    def build(child: nn.Module, path: str) -> nn.Module:
+        if type(child) not in LINEAR_TYPES:
+            raise ConversionError(f"{path}: expected a Linear {kind} projection, got {type(child).__name__}")
+        try:
+            new = SplitQKV.from_weights(child.weight.detach(), None if child.bias is None else child.bias.detach(),
+                                        lambda v: bcos_linear(v, ctx), parts=parts)
+        except ValueError as e:
+            raise ConversionError(f"{path} ({type(child).__name__}): {e}") from None
+        ctx.report.add(path, child, REPLACED, new, ("q, k" if parts == 3 else "k") + " kept (gate, detached in "
+                                                                                     "explanation mode); v B-cos")
+        return new
+
+    return build
+
+
 def attention(attn: nn.Module, ctx: Context,
               value_children: tuple[str, ...] = _ATTENTION_VALUE_CHILDREN) -> nn.Module:
     """timm ``Attention`` / Swin ``WindowAttention``: ``qkv`` split (q, k a gate; v B-cos), ``proj`` (every one
     of ``value_children``) converted, every other child (q/k norms, softmax, output gate) kept on the gate path."""
-    base, convert_child = ctx.path, ctx.convert_child  # (nested conversions move ctx on)
-    for name, child in list(attn.named_children()):
-        path = f"{base}.{name}"
-        if name == "qkv":
-            if type(child) not in LINEAR_TYPES:
-                raise ConversionError(f"{path}: expected a Linear qkv projection, got {type(child).__name__}")
-            new = SplitQKV.from_weights(child.weight, child.bias, lambda v: bcos_linear(v, ctx))
-            ctx.report.add(path, child, REPLACED, new, "q, k kept (gate, detached in explanation mode); v B-cos")
-        elif name in value_children:
-            new = convert_child(child, name)
-        else:
-            new = GatePath(child)
-            ctx.report.add(path, child, GATED, new, "gate path (attention logits or output gate), kept")
-        setattr(attn, name, new)
-    return attn
+    return route_children(attn, ctx, value=value_children, build={"qkv": split_qkv(ctx)},
+                          other_gate_note="gate path (attention logits or output gate), kept")
 
 
 def multihead_attention(mha: nn.MultiheadAttention, ctx: Context) -> SelfAttention:

@@ -36,7 +36,7 @@ from ..report import GATED, REPLACED
 from .base import CONSTANT_OUTPUT, DESCEND, GATE, KEEP, REFUSE, REPLACE, Rule
 from .base import Context
 from .core import (FIRST_LAYER_TYPES, LINEAR_TYPES, PLAIN_CONVS, attention, bcos_conv, bcos_conv_same, bcos_linear,
-                   gate, groupnorm, layernorm, layernorm2d, norm_act, ratio_gate)
+                   gate, groupnorm, layernorm, layernorm2d, norm_act, ratio_gate, route_children, split_qkv)
 
 LINEAR_TYPES.add(timm.layers.Linear)
 FIRST_LAYER_TYPES.add(timm.layers.Conv2dSame)
@@ -166,26 +166,17 @@ def _gpsa(attn: nn.Module, ctx: Context) -> nn.Module:
     ``pos_proj`` (on a buffer of the token grid's relative positions) and the gating parameter stay as they are,
     detached in explanation mode; ``v`` and ``proj`` are converted. Its own forward is kept (it recomputes the
     relative indices when the token count changes, which torch.fx cannot trace)."""
-    base, convert_child = ctx.path, ctx.convert_child  # (nested conversions move ctx on)
-    for name, child in list(attn.named_children()):
-        path = f"{base}.{name}"
-        if name == "qk":
-            if type(child) not in LINEAR_TYPES:
-                raise ConversionError(f"{path}: expected a Linear qk projection, got {type(child).__name__}")
-            new = GateLinear(child)
-            ctx.report.add(path, child, GATED, new, "q, k kept (gate, detached in explanation mode)")
-        elif name == "pos_proj":
-            new = GatePath(child)
-            ctx.report.add(path, child, GATED, new, "positional attention logits from the relative indices (gate), "
-                                                    "kept")
-        elif name == "attn_drop":  # acts on the attention matrix
-            new = child
-        elif name in ("v", "proj", "proj_drop"):
-            new = convert_child(child, name)
-        else:
-            raise ConversionError(f"{path} ({type(child).__name__}): a child of {type(attn).__name__} this rule "
-                                  "does not know")
-        setattr(attn, name, new)
+    def qk(child: nn.Module, path: str) -> nn.Module:
+        if type(child) not in LINEAR_TYPES:
+            raise ConversionError(f"{path}: expected a Linear qk projection, got {type(child).__name__}")
+        new = GateLinear(child)
+        ctx.report.add(path, child, GATED, new, "q, k kept (gate, detached in explanation mode)")
+        return new
+
+    base = ctx.path
+    route_children(attn, ctx, value=("v", "proj", "proj_drop"),
+                   gate={"pos_proj": "positional attention logits from the relative indices (gate), kept"},
+                   build={"qk": qk, "attn_drop": lambda child, path: child})  # (attn_drop acts on the attention)
     for name, param in attn.named_parameters(recurse=False):
         if name != "gating_param":
             raise ConversionError(f"{base}.{name}: a parameter of {type(attn).__name__} this rule does not know")
@@ -250,68 +241,38 @@ def _subsample_attention(attn: nn.Module, ctx: Context) -> nn.Module:
     ``norm`` are on the value path (v is computed from them), so they are converted; ``kv`` is split (k a gate,
     detached in explanation mode; v B-cos); ``proj`` converted. The keys are computed from the converted ``sr`` and
     ``norm``: at b=1 with biases kept they are the original keys."""
-    base, convert_child = ctx.path, ctx.convert_child  # (nested conversions move ctx on)
-    for name, child in list(attn.named_children()):
-        path = f"{base}.{name}"
-        if name == "q":
-            new = GatePath(child)
-            ctx.report.add(path, child, GATED, new, "queries: gate path, kept (detached in explanation mode)")
-        elif name == "kv":
-            if type(child) not in LINEAR_TYPES:
-                raise ConversionError(f"{path}: expected a Linear kv projection, got {type(child).__name__}")
-            try:
-                new = SplitQKV.from_weights(child.weight.detach(), None if child.bias is None else child.bias.detach(),
-                                            lambda v: bcos_linear(v, ctx), parts=2)
-            except ValueError as e:
-                raise ConversionError(f"{path} ({type(child).__name__}): {e}") from None
-            ctx.report.add(path, child, REPLACED, new, "k kept (gate, detached in explanation mode); v B-cos")
-        elif name in ("sr", "norm", "proj", "attn_drop", "proj_drop"):
-            new = convert_child(child, name)
-        else:
-            raise ConversionError(f"{path} ({type(child).__name__}): a child of {type(attn).__name__} this rule "
-                                  "does not know")
-        setattr(attn, name, new)
-    return attn
+    return route_children(attn, ctx, value=("sr", "norm", "proj", "attn_drop", "proj_drop"),
+                          gate={"q": "queries: gate path, kept (detached in explanation mode)"},
+                          build={"kv": split_qkv(ctx, parts=2)})
 
 
 def _spatial_gating_unit(sgu: nn.Module, ctx: Context) -> nn.Module:
     """gMLP's spatial gating ``u * proj(norm(v))^T``: the token-mixing branch (norm, proj; the half ``v`` of the
     input) a gate, kept and detached in explanation mode, as attention is; ``u`` on the value path."""
-    children = dict(sgu.named_children())
-    if set(children) != {"norm", "proj"}:
-        raise ConversionError(f"{ctx.path} ({type(sgu).__name__}): children {sorted(children)}, expected norm and "
-                              "proj")
-    for name, child in children.items():
-        new = GatePath(child)
-        ctx.report.add(f"{ctx.path}.{name}", child, GATED, new, "spatial gating branch (a gate), kept")
-        setattr(sgu, name, new)
-    return sgu
+    return route_children(sgu, ctx, gate=dict.fromkeys(("norm", "proj"), "spatial gating branch (a gate), kept"))
 
 
 def _focal_modulation(mod: nn.Module, ctx: Context) -> nn.Module:
     """FocalNet's ``q * h(ctx_all)``: the modulator (the context channels and gates of ``f``, the focal
     convolutions, their aggregation and ``h``) a gate, kept and detached in explanation mode, as attention is;
     ``q`` (the first ``dim`` channels of ``f``), the post-norm and ``proj`` on the value path."""
-    base, convert_child = ctx.path, ctx.convert_child
-    for name, child in list(mod.named_children()):
-        path = f"{base}.{name}"
-        if name == "f":
-            if type(child) is not nn.Conv2d or child.kernel_size != (1, 1) or child.groups != 1:
-                raise ConversionError(f"{path}: expected a 1x1 Conv2d without groups, got {child}")
-            value = torch.arange(child.out_channels, device=child.weight.device) < mod.dim
-            new = SplitQKVConv.from_conv(child, value, lambda conv: bcos_conv(conv, ctx))
-            ctx.report.add(path, child, REPLACED, new, "q B-cos; context and gate channels kept (a gate)")
-        elif name in ("norm", "proj", "proj_drop"):
-            new = convert_child(child, name)
-        elif name in ("h", "act", "focal_layers"):
-            # (the forward iterates over the focal layers: each one wrapped)
-            new = nn.ModuleList(map(GatePath, child)) if name == "focal_layers" else GatePath(child)
-            ctx.report.add(path, child, GATED, new, "modulator (a gate), kept")
-        else:
-            raise ConversionError(f"{path} ({type(child).__name__}): a child of {type(mod).__name__} this rule does "
-                                  "not know")
-        setattr(mod, name, new)
-    return mod
+    note = "modulator (a gate), kept"
+
+    def f(child: nn.Module, path: str) -> nn.Module:
+        if type(child) is not nn.Conv2d or child.kernel_size != (1, 1) or child.groups != 1:
+            raise ConversionError(f"{path}: expected a 1x1 Conv2d without groups, got {child}")
+        value = torch.arange(child.out_channels, device=child.weight.device) < mod.dim
+        new = SplitQKVConv.from_conv(child, value, lambda conv: bcos_conv(conv, ctx))
+        ctx.report.add(path, child, REPLACED, new, "q B-cos; context and gate channels kept (a gate)")
+        return new
+
+    def focal_layers(child: nn.Module, path: str) -> nn.Module:  # (the forward iterates over them: each wrapped)
+        new = nn.ModuleList(map(GatePath, child))
+        ctx.report.add(path, child, GATED, new, note)
+        return new
+
+    return route_children(mod, ctx, value=("norm", "proj", "proj_drop"), gate=dict.fromkeys(("h", "act"), note),
+                          build={"f": f, "focal_layers": focal_layers})
 
 
 #: CoaT's attention: the children on the value path (its shared relative position encoding convolves v)
