@@ -763,3 +763,25 @@ def test_a_child_called_with_shapes_only_is_a_constant_only_under_a_constant_rul
                                               "of code"):
         bcosify.convert(_AddsGridCode(multiply=True).double().eval(), mean=0.5, std=0.25,
                         rules={_GridCode: Rule("constant")})
+
+
+def test_a_child_an_attention_rule_does_not_know_is_refused_by_name():
+    from timm.models.mlp_mixer import SpatialGatingUnit
+
+    sgu = SpatialGatingUnit(dim=8, seq_len=4)
+    sgu.extra = nn.Linear(4, 4)  # (a newer release's child the rule has not read)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 8, 8, stride=8)
+            self.pool = nn.AdaptiveAvgPool2d(2)  # 4 tokens at any size
+            self.gate = sgu
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.gate(self.pool(self.embed(x)).flatten(2).transpose(1, 2)).mean(1))
+
+    with pytest.raises(ConversionError, match=r"gate\.extra \(Linear\): a child of SpatialGatingUnit this rule does "
+                                              "not know"):
+        bcosify.convert(Net(), mean=0.5, std=0.25)
